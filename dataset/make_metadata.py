@@ -1,0 +1,226 @@
+"""Build <out_dir>/<NAME>/full-shot.jsonl (every test-split sample) and <k>-shot.jsonl lists from a dataset folder.
+
+    python -m dataset.make_metadata --dataset MVTec --root ./data/mvtec_ad [--layout auto] [--shots 8 16 32]
+"""
+import argparse
+import csv
+import json
+import random
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from .common import DatasetError, get_dataset_info
+
+LAYOUTS = ("auto", "mvtec", "visa", "btad", "mvtec_like")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VISA_CSV = "split_csv/1cls.csv"
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+DEFAULT_SHOTS = (8, 16, 32)
+DEFAULT_SEED = 111
+
+
+def record(image_path: str, mask_path: str, label: int, class_name: str) -> dict:
+    """One metadata line; the key order is fixed so the output is byte-for-byte deterministic."""
+    return {"image_path": image_path, "mask_path": mask_path, "label": label, "class_name": class_name}
+
+
+def detect_layout(root: Path) -> str:
+    """visa if split_csv/1cls.csv exists, btad if some <class>/test has ok/ko folders, else mvtec_like."""
+    if (root / VISA_CSV).is_file():
+        return "visa"
+    if any((d / "ok").is_dir() or (d / "ko").is_dir() for d in root.glob("*/test")):
+        return "btad"
+    return "mvtec_like"
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def _mask_candidates(gt_dir: Path, image: Path, layout: str) -> list[Path]:
+    if layout == "mvtec":
+        return [gt_dir / f"{image.stem}_mask.png"]
+    if layout == "btad":
+        return [gt_dir / f"{image.stem}.png", gt_dir / f"{image.stem}.bmp"]
+    exts = dict.fromkeys([".png", image.suffix])  # ordered, de-duplicated
+    return [gt_dir / f"{image.stem}{suffix}{ext}" for suffix in ("_mask", "") for ext in exts]
+
+
+def _collect_folders(root: Path, layout: str) -> tuple[list[dict], dict[str, list[Path]]]:
+    """MVTec/MPDD, mvtec_like and BTAD trees: <class>/test/<defect>/<img>, masks in <class>/ground_truth/<defect>/.
+
+    Returns the records (mask_path "" where no mask was found) and, per unmasked anomalous image, the
+    mask paths that were tried (for the error message).
+    """
+    normal = ("ok",) if layout == "btad" else ("good",)
+    classes = [d for d in _subdirs(root) if (d / "test").is_dir()]
+    if not classes:
+        raise DatasetError(f"no classes found under {root} for layout {layout}: expected "
+                           f"<class>/test/<{'ok|ko' if layout == 'btad' else 'defect or good'}>/<image> folders; "
+                           "check --root and --layout")
+    records, tried = [], {}
+    for cls in classes:
+        n_before = len(records)
+        for defect in _subdirs(cls / "test"):
+            if layout == "btad" and defect.name not in ("ok", "ko"):
+                raise DatasetError(f"unexpected folder {defect} in a BTAD tree: only ok/ and ko/ are allowed")
+            label = 0 if defect.name in normal else 1
+            for image in _images(defect):
+                mask = ""
+                if label == 1:
+                    candidates = _mask_candidates(cls / "ground_truth" / defect.name, image, layout)
+                    found = [c for c in candidates if c.is_file()]
+                    mask = found[0].relative_to(root).as_posix() if found else ""
+                    if not found:
+                        tried[image.relative_to(root).as_posix()] = candidates
+                records.append(record(image.relative_to(root).as_posix(), mask, label, cls.name))
+        if len(records) == n_before:
+            raise DatasetError(f"no test images ({'/'.join(IMAGE_EXTS)}) found in {cls / 'test'}; "
+                               "remove the folder or check --layout")
+    return records, tried
+
+
+def _collect_visa(root: Path) -> tuple[list[dict], dict[str, list[Path]]]:
+    """VisA: test rows of split_csv/1cls.csv (columns object, split, label, image, mask; paths relative to root)."""
+    csv_path = root / VISA_CSV
+    records, tried = [], {}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in VISA_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
+                               f"the header must contain {', '.join(VISA_COLUMNS)}")
+        for row in reader:
+            where = f"{csv_path}:{reader.line_num}"
+            if row["split"].strip() != "test":
+                continue
+            label = {"normal": 0, "anomaly": 1}.get(row["label"].strip())
+            if label is None:
+                raise DatasetError(f"{where}: label must be 'normal' or 'anomaly', got {row['label']!r}")
+            image, mask = row["image"].strip(), row["mask"].strip() if label == 1 else ""
+            for rel in filter(None, (image, mask)):
+                if not (root / rel).is_file():
+                    raise DatasetError(f"{where}: file not found: {root / rel}; check --root (paths in the csv are "
+                                       "relative to the dataset root)")
+            if label == 1 and not mask:
+                tried[image] = []
+            records.append(record(image, mask, label, row["object"].strip()))
+    if not records:
+        raise DatasetError(f"{csv_path}: no rows with split 'test'; the zero-shot lists use the test split")
+    return records, tried
+
+
+def _check_masks(records: list[dict], tried: dict[str, list[Path]], layout: str) -> None:
+    """Either every anomalous image has a mask, or (mvtec_like/visa only) none has."""
+    if not tried:
+        return
+    n_anomalous = sum(r["label"] for r in records)
+    if layout in ("mvtec_like", "visa") and len(tried) == n_anomalous:
+        return  # a dataset without pixel annotations: mask_path stays ""
+    image, candidates = next(iter(tried.items()))
+    looked = f" (looked for {', '.join(map(str, candidates))})" if candidates else ""
+    why = ("other anomalous images have masks" if len(tried) < n_anomalous
+           else f"layout {layout} requires masks; use --layout mvtec_like for a dataset without masks")
+    raise DatasetError(f"anomalous image {image} has no mask{looked}, but {why}; "
+                       f"{len(tried)} anomalous image(s) lack a mask: add the masks or remove those images")
+
+
+def collect_samples(root: str, layout: str = "auto") -> list[dict]:
+    """All test-split samples under `root`, sorted by (class_name, image_path)."""
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise DatasetError(f"dataset root not found: {root}; download/extract the dataset there or pass --root DIR")
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = detect_layout(root_path)
+    if layout == "visa":
+        if not (root_path / VISA_CSV).is_file():
+            raise DatasetError(f"{root_path / VISA_CSV} not found; a VisA root contains split_csv/1cls.csv")
+        records, tried = _collect_visa(root_path)
+    else:
+        records, tried = _collect_folders(root_path, layout)
+    _check_masks(records, tried, layout)
+    return sorted(records, key=lambda r: (r["class_name"], r["image_path"]))
+
+
+def k_shot(samples: list[dict], k: int, seed: int = DEFAULT_SEED) -> list[dict]:
+    """k samples per class drawn with random.Random(seed), classes in sorted order, output sorted."""
+    if k < 1:
+        raise DatasetError(f"shot count must be >= 1, got {k}")
+    rng = random.Random(seed)
+    chosen = []
+    for cls in sorted({s["class_name"] for s in samples}):
+        pool = [s for s in samples if s["class_name"] == cls]
+        if len(pool) < k:
+            raise DatasetError(f"class {cls!r} has only {len(pool)} test samples, fewer than {k}; "
+                               "drop that shot count from --shots")
+        chosen += sorted(rng.sample(pool, k), key=lambda s: s["image_path"])
+    return chosen
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def build_metadata(dataset: str, root: str, layout: str = "auto", out_dir: str = "dataset/metadata",
+                   shots: Sequence[int] = DEFAULT_SHOTS, seed: int = DEFAULT_SEED) -> dict[Path, list[dict]]:
+    """Write full-shot.jsonl and <k>-shot.jsonl under <out_dir>/<dataset>/; returns {path: records}."""
+    full = collect_samples(root, layout)
+    # Draw every k-shot list before writing anything so a failing k leaves no partial output.
+    lists = {"full-shot.jsonl": full} | {f"{k}-shot.jsonl": k_shot(full, k, seed) for k in shots}
+    written = {}
+    for name, records in lists.items():
+        path = Path(out_dir) / dataset / name
+        write_jsonl(path, records)
+        written[path] = records
+    return written
+
+
+def summarize(samples: list[dict]) -> str:
+    """Per-class normal/anomalous counts as a text table."""
+    normal = Counter(s["class_name"] for s in samples if s["label"] == 0)
+    anomalous = Counter(s["class_name"] for s in samples if s["label"] == 1)
+    classes = sorted(normal.keys() | anomalous.keys())
+    width = max(len("class"), *map(len, classes))
+    lines = [f"{'class':<{width}}  normal  anomalous"]
+    lines += [f"{c:<{width}}  {normal[c]:>6}  {anomalous[c]:>9}" for c in classes]
+    lines.append(f"{'total':<{width}}  {sum(normal.values()):>6}  {sum(anomalous.values()):>9}")
+    return "\n".join(lines)
+
+
+def report(written: dict[Path, list[dict]]) -> None:
+    full = next(iter(written.values()))
+    print(summarize(full))
+    for path, records in written.items():
+        print(f"wrote {path} ({len(records)} samples)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="name of the metadata folder, e.g. MVTec, VisA")
+    parser.add_argument("--root", help="dataset folder (default: the constants' default root)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto")
+    parser.add_argument("--out_dir", default="dataset/metadata")
+    parser.add_argument("--shots", type=int, nargs="*", default=list(DEFAULT_SHOTS))
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    args = parser.parse_args(argv)
+    root = args.root or get_dataset_info(args.dataset)["default_root"]
+    try:
+        report(build_metadata(args.dataset, root, args.layout, args.out_dir, args.shots, args.seed))
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

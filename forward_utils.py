@@ -1,0 +1,176 @@
+"""Prompts and text anchors (spec §4), similarity maps and losses (§5), shared by training and testing."""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
+
+from dataset import PROMPTS, get_real_name
+from model import AdaptedCLIP
+
+# Test-time Gaussian blur of the similarity maps, by dataset domain: (kernel size, sigma).
+BLUR = {"Industrial": (7, 1.0), "Medical": (9, 1.5)}
+
+
+def class_prompts(real_name: str) -> tuple[list[str], list[str]]:
+    """The 6 normal and 10 abnormal sentences of a class: every template applied to every state."""
+    def sentences(states: list[str]) -> list[str]:
+        return [t.format(s.format(real_name)) for s in states for t in PROMPTS["prompt_templates"]]
+
+    return sentences(PROMPTS["prompt_normal"]), sentences(PROMPTS["prompt_abnormal"])
+
+
+class PromptBank:
+    """Tokenised prompts of a list of classes, built once (tokenising is CPU work).
+
+    `tokens`: [C, P, 77] with P = 16, the 6 normal sentences first; `index`: class name -> row.
+    """
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor], dataset: str, class_names: list[str]):
+        self.class_names = list(class_names)
+        self.index = {name: i for i, name in enumerate(self.class_names)}
+        rows, n_normal = [], set()
+        for name in self.class_names:
+            normal, abnormal = class_prompts(get_real_name(dataset, name))
+            rows.append(tokenizer(normal + abnormal))
+            n_normal.add(len(normal))
+        self.tokens = torch.stack(rows)
+        self.n_normal = n_normal.pop()
+
+    def class_indices(self, names: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        """[B] row of each name."""
+        return torch.tensor([self.index[n] for n in names], device=device)
+
+    def to(self, device: torch.device | str) -> "PromptBank":
+        self.tokens = self.tokens.to(device)
+        return self
+
+
+def anchors_from_embeddings(emb: torch.Tensor, n_normal: int) -> torch.Tensor:
+    """Normal/abnormal anchors from prompt embeddings: normalise each, average per group, normalise.
+    emb: [..., P, D] -> [..., D, 2] (column 0 normal, column 1 abnormal)."""
+    emb = F.normalize(emb, dim=-1)
+    normal = F.normalize(emb[..., :n_normal, :].mean(dim=-2), dim=-1)
+    abnormal = F.normalize(emb[..., n_normal:, :].mean(dim=-2), dim=-1)
+    return torch.stack([normal, abnormal], dim=-1)
+
+
+def get_adapted_text_embedding(
+    model: AdaptedCLIP, bank: PromptBank, adapt: bool = True, class_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Text anchors of the bank's classes (or of the rows `class_idx`), all prompts in one text pass.
+    `adapt=False` uses CLIP's own text encoder (when no text adapter was trained). -> [C, D, 2]."""
+    tokens = bank.tokens if class_idx is None else bank.tokens[class_idx]
+    c, p, length = tokens.shape
+    emb = model.encode_text(tokens.reshape(c * p, length), adapt=adapt)
+    return anchors_from_embeddings(emb.view(c, p, -1), bank.n_normal)
+
+
+class AnchorFn(Protocol):
+    """Gives each image its text anchors. images: [B, 3, S, S], class_idx: [B],
+    stage1_feats: the images' Stage-1 features when already computed -> [B, D, 2]."""
+
+    def __call__(self, images: torch.Tensor, class_idx: torch.Tensor,
+                 stage1_feats: list[torch.Tensor] | None = None) -> torch.Tensor: ...
+
+
+def class_anchor_fn(model: AdaptedCLIP, bank: PromptBank, adapt: bool = True, grad: bool = False) -> AnchorFn:
+    """Anchors that depend on the class only. With `grad` (Stage 1) they are recomputed for the classes
+    of each batch; without, computed once for every class and looked up."""
+    if grad:
+        def anchors(images, class_idx, stage1_feats=None):
+            unique, inverse = class_idx.unique(return_inverse=True)
+            return get_adapted_text_embedding(model, bank, adapt, unique)[inverse]
+        return anchors
+    with torch.no_grad():
+        table = get_adapted_text_embedding(model, bank, adapt)
+
+    def lookup(images, class_idx, stage1_feats=None):
+        return table[class_idx]
+    return lookup
+
+
+def similarity_logits(patch_feats: torch.Tensor, anchors: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """`100 * P @ T` as maps. patch_feats: [B, N, D], anchors: [B, D, 2] or [D, 2] -> [B, 2, H, W]."""
+    s = 100 * patch_feats @ anchors
+    return s.transpose(1, 2).reshape(s.shape[0], 2, *grid)
+
+
+def calculate_similarity_map(
+    patch_feats: torch.Tensor, anchors: torch.Tensor, grid: tuple[int, int], image_size: int
+) -> torch.Tensor:
+    """Training maps: logits upsampled bilinearly (align_corners=True) to the image size, softmax over
+    normal/abnormal. -> [B, 2, S, S] probabilities."""
+    logits = similarity_logits(patch_feats, anchors, grid).float()
+    logits = F.interpolate(logits, size=(image_size, image_size), mode="bilinear", align_corners=True)
+    return logits.softmax(dim=1)
+
+
+def anomaly_map(
+    seg_tokens: list[torch.Tensor], anchors: torch.Tensor, grid: tuple[int, int], image_size: int, domain: str
+) -> torch.Tensor:
+    """Test-time pixel scores: per level `(S[:, 1] + 1 - S[:, 0]) / 2` on the un-softmaxed maps,
+    Gaussian blur, bilinear upsampling, summed over levels. -> [B, S, S] (float32)."""
+    kernel, sigma = BLUR[domain]
+    total = 0
+    for feats in seg_tokens:
+        s = similarity_logits(feats, anchors, grid).float()
+        m = (s[:, 1:2] + 1 - s[:, 0:1]) / 2
+        m = gaussian_blur(m, [kernel, kernel], [sigma, sigma])
+        total = total + F.interpolate(m, size=(image_size, image_size), mode="bilinear", align_corners=True)
+    return total[:, 0]
+
+
+def image_logits(det_token: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """`det_token @ T` per sample. det_token: [B, D], anchors: [B, D, 2] -> [B, 2]."""
+    return torch.einsum("bd,bdk->bk", det_token.float(), anchors.float())
+
+
+def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+    """Focal loss on softmaxed maps. probs: [B, 2, H, W], mask: [B, 1, H, W] in {0, 1} -> scalar.
+    The one-hot target is clamped to [smooth, 1 - smooth]; `pt = sum(onehot * p) + smooth`."""
+    onehot = torch.cat([1 - mask, mask], dim=1).clamp(smooth, 1 - smooth)
+    pt = (onehot * probs).sum(dim=1) + smooth
+    return (-((1 - pt) ** gamma) * pt.log()).mean()
+
+
+def dice_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`1 - mean_b (2 sum(xy) + 1) / (sum x + sum y + 1)`. x, y: [B, H, W] -> scalar."""
+    x, y = x.flatten(1), y.flatten(1)
+    return 1 - ((2 * (x * y).sum(1) + 1) / (x.sum(1) + y.sum(1) + 1)).mean()
+
+
+def calculate_seg_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Focal + dice on both channels. probs: [B, 2, H, W], mask: [B, 1, H, W] -> scalar."""
+    m = mask[:, 0]
+    return focal_loss(probs, mask) + dice_loss(probs[:, 0], 1 - m) + dice_loss(probs[:, 1], m)
+
+
+def orthogonality_loss(anchors: torch.Tensor) -> torch.Tensor:
+    """`(mean_b <T_b[:, 0], T_b[:, 1]>)^2`. anchors: [B, D, 2] -> scalar."""
+    return ((anchors[:, :, 0] * anchors[:, :, 1]).sum(dim=1).mean()) ** 2
+
+
+def stage1_loss(
+    feats: list[torch.Tensor], anchors: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
+    all_levels: bool = False, text_norm_weight: float = 0.1,
+) -> torch.Tensor:
+    """Stage-1 loss: seg loss of the last level only (the original's behaviour: its loop assigned
+    instead of adding) or, with `all_levels`, summed over levels; plus the orthogonality term.
+    feats: levels x [B, N, D], anchors: [B, D, 2], mask: [B, 1, S, S]."""
+    size = mask.shape[-1]
+    used = feats if all_levels else feats[-1:]
+    seg = sum(calculate_seg_loss(calculate_similarity_map(f, anchors, grid, size), mask) for f in used)
+    return seg + text_norm_weight * orthogonality_loss(anchors.float())
+
+
+def stage2_loss(
+    seg_tokens: list[torch.Tensor], det_token: torch.Tensor, anchors: torch.Tensor, mask: torch.Tensor,
+    label: torch.Tensor, grid: tuple[int, int],
+) -> torch.Tensor:
+    """Cross-entropy of `det_token @ T` against the label plus the seg loss summed over levels."""
+    size = mask.shape[-1]
+    seg = sum(calculate_seg_loss(calculate_similarity_map(f, anchors, grid, size), mask) for f in seg_tokens)
+    return F.cross_entropy(image_logits(det_token, anchors), label) + seg

@@ -1,0 +1,264 @@
+"""AA-CLIP's adapters around a frozen open_clip CLIP (spec §2, §3).
+
+Every transformer block is run through `block_forward`, which reuses the block's own weights with
+`F.scaled_dot_product_attention`, so the same code serves plain, causal (text) and V-V "surgery"
+attention, and runs flash attention under bf16 autocast.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SimpleAdapter(nn.Module):
+    """Linear (no bias) + LeakyReLU; state-dict key `fc.0.weight`."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(c_in, c_out, bias=False), nn.LeakyReLU(0.01))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class SimpleProj(nn.Module):
+    """Linear (no bias), LeakyReLU only if `relu`; key `fc.0.weight` with relu, else `fc.weight`."""
+
+    def __init__(self, c_in: int, c_out: int, relu: bool = True):
+        super().__init__()
+        linear = nn.Linear(c_in, c_out, bias=False)
+        self.fc = nn.Sequential(linear, nn.LeakyReLU(0.01)) if relu else linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def xavier_init(module: nn.Module) -> None:
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+def mix_residual(x: torch.Tensor, adapter: nn.Module, weight: float) -> torch.Tensor:
+    """`w * a * ||x|| / ||a|| + (1 - w) * x` with `a = adapter(x)`, norms per token. x: [..., C]."""
+    a = adapter(x)
+    a = a * (x.norm(dim=-1, keepdim=True) / a.norm(dim=-1, keepdim=True))
+    return weight * a + (1 - weight) * x
+
+
+def attention(
+    attn: nn.MultiheadAttention, x: torch.Tensor, causal: bool = False, value_only: bool = False
+) -> torch.Tensor:
+    """Multi-head self-attention with the weights of `attn` (batch-first). x: [B, L, C] -> [B, L, C].
+
+    `value_only` is CLIP-surgery's V-V attention: `softmax(v v^T / sqrt(d)) v` with the block's own
+    value projection used as query, key and value.
+    """
+    b, n, c = x.shape
+    heads = attn.num_heads
+    if value_only:
+        v = F.linear(x, attn.in_proj_weight[2 * c:], attn.in_proj_bias[2 * c:])
+        q = k = v = v.view(b, n, heads, c // heads).transpose(1, 2)
+    else:
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def block_forward(
+    block: nn.Module, x: torch.Tensor, causal: bool = False, value_only: bool = False, batch_mixing: bool = False
+) -> torch.Tensor:
+    """One open_clip `ResidualAttentionBlock` (pre-norm, residual, MLP, layer scale). x: [B, L, C].
+
+    `batch_mixing` reproduces the original AA-CLIP defect (spec §3): its V-V attention received a
+    sequence-first tensor as if it were batch-first, so it attends across the images of the batch at
+    each token position. Transposing B and L around the attention computes exactly that.
+    """
+    h = block.ln_1(x)
+    if batch_mixing:
+        a = attention(block.attn, h.transpose(0, 1), value_only=value_only).transpose(0, 1)
+    else:
+        a = attention(block.attn, h, causal=causal, value_only=value_only)
+    x = x + block.ls_1(a)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def default_levels(depth: int) -> list[int]:
+    """Token taps at every quarter of the vision depth: [6, 12, 18, 24] for ViT-L."""
+    return [depth // 4 * (i + 1) for i in range(4)]
+
+
+def default_surgery_until_layer(depth: int) -> int:
+    """The original's `surgery_until_layer` (20 for ViT-L): V-V attention in the last
+    `surgery_until_layer - 1` blocks, i.e. from the first level's block on."""
+    return depth - depth // 4 + 2
+
+
+class AdaptedCLIP(nn.Module):
+    """AA-CLIP: a frozen CLIP with residual text and image adapters.
+
+    Sizes come from the backbone: for ViT-L-14-336 at 518 px, Wv = 1024 (vision width), Wt = 768 (text
+    width), D = 768 (joint embedding), N = 1369 patches, depth 24 -> levels [6, 12, 18, 24],
+    image_adapt_until 6, text_adapt_until 3, surgery_until_layer 20.
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        text_adapt_weight: float = 0.1,
+        image_adapt_weight: float = 0.1,
+        levels: list[int] | None = None,
+        relu: bool = False,
+        text_adapt_until: int | None = None,
+        image_adapt_until: int | None = None,
+        surgery_until_layer: int | None = None,
+        surgery_batch_mixing: bool = False,
+    ):
+        super().__init__()
+        self.clip = clip_model.eval().requires_grad_(False)
+        visual = clip_model.visual
+        self.vision_depth = len(visual.transformer.resblocks)
+        self.text_depth = len(clip_model.transformer.resblocks)
+        vision_width = visual.conv1.out_channels
+        text_width = clip_model.token_embedding.embedding_dim
+        self.embed_dim = visual.proj.shape[1]
+        self.grid = tuple(visual.grid_size)
+
+        self.text_adapt_weight = text_adapt_weight
+        self.image_adapt_weight = image_adapt_weight
+        self.levels = list(levels or default_levels(self.vision_depth))
+        self.text_adapt_until = text_adapt_until or max(1, self.text_depth // 4)
+        self.image_adapt_until = image_adapt_until or max(1, self.vision_depth // 4)
+        self.surgery_until_layer = surgery_until_layer or default_surgery_until_layer(self.vision_depth)
+        self.surgery_batch_mixing = surgery_batch_mixing
+        if not 1 <= self.surgery_until_layer - 1 <= self.vision_depth:
+            raise ValueError(f"surgery_until_layer {self.surgery_until_layer} outside 2..{self.vision_depth + 1}")
+        if max(self.levels) > self.vision_depth or min(self.levels) < 1:
+            raise ValueError(f"levels {self.levels} outside 1..{self.vision_depth}")
+
+        self.text_adapter = nn.ModuleList(
+            [SimpleAdapter(text_width, text_width) for _ in range(self.text_adapt_until)]
+            + [SimpleProj(text_width, clip_model.text_projection.shape[1], relu=True)]
+        )
+        self.image_adapter = nn.ModuleDict({
+            "layer_adapters": nn.ModuleList(
+                [SimpleAdapter(vision_width, vision_width) for _ in range(self.image_adapt_until)]),
+            "seg_proj": nn.ModuleList(
+                [SimpleProj(vision_width, self.embed_dim, relu) for _ in self.levels]),
+            "det_proj": SimpleProj(vision_width, self.embed_dim, relu),
+        })
+        xavier_init(self.text_adapter)
+        xavier_init(self.image_adapter)
+
+    def train(self, mode: bool = True) -> "AdaptedCLIP":
+        """The frozen CLIP always stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    @property
+    def surgery_start(self) -> int:
+        """0-based index of the first V-V attention block (5 for ViT-L)."""
+        return self.vision_depth - (self.surgery_until_layer - 1)
+
+    # ---------------------------------------------------------------- text
+    def embed_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token + positional embeddings, truncated after the last end-of-text token.
+
+        Truncation is exact: with the causal mask nothing after a sequence's EOT reaches its EOT token.
+        tokens: [N, 77] -> (x [N, T, Wt] with T = max EOT position + 1, eot [N]).
+        """
+        eot = tokens.argmax(dim=-1)
+        tokens = tokens[:, : int(eot.max()) + 1]
+        x = self.clip.token_embedding(tokens) + self.clip.positional_embedding[: tokens.shape[1]]
+        return x, eot
+
+    def adapt_text(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Residual text adapter after 0-based text block i (identity from `text_adapt_until` on)."""
+        if i < self.text_adapt_until:
+            return mix_residual(x, self.text_adapter[i], self.text_adapt_weight)
+        return x
+
+    def text_blocks(self, x: torch.Tensor, adapt: bool, start: int = 0) -> torch.Tensor:
+        """Text blocks `start..` each followed by its adapter when `adapt`. x: [N, T, Wt]."""
+        for i in range(start, self.text_depth):
+            x = block_forward(self.clip.transformer.resblocks[i], x, causal=True)
+            if adapt:
+                x = self.adapt_text(i, x)
+        return x
+
+    def text_head(self, x: torch.Tensor, eot: torch.Tensor, adapt: bool) -> torch.Tensor:
+        """`ln_final` at the EOT token, then `text_adapter[-1]` (adapted) or `text_projection`.
+        x: [N, T, Wt] -> [N, D]."""
+        x = self.clip.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])
+        return self.text_adapter[-1](x) if adapt else x @ self.clip.text_projection
+
+    def encode_text(self, tokens: torch.Tensor, adapt: bool = True) -> torch.Tensor:
+        """Text embeddings (not normalised). tokens: [N, 77] -> [N, D]. `adapt=False` is CLIP's own
+        `encode_text`."""
+        x, eot = self.embed_text(tokens)
+        return self.text_head(self.text_blocks(x, adapt), eot, adapt)
+
+    # ---------------------------------------------------------------- image
+    def embed_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, CLS, positional embedding, `ln_pre`. image: [B, 3, S, S] -> [B, 1 + N, Wv]."""
+        visual = self.clip.visual
+        x = visual.conv1(image).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        return visual.ln_pre(x)
+
+    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP's own head on tokens: `ln_post` then `proj`. [B, L, Wv] -> [B, L, D]."""
+        return self.clip.visual.ln_post(tokens) @ self.clip.visual.proj
+
+    def forward(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Adapted image path (Stage 2 and test).
+
+        image: [B, 3, S, S] -> (seg_tokens: len(levels) x [B, N, D] L2-normalised per patch,
+        det_token: [B, D], the mean of the L2-normalised det projections of the last level's patches).
+        """
+        x = self.embed_image(image)
+        taps = []
+        for i in range(max(self.levels)):
+            x = block_forward(self.clip.visual.transformer.resblocks[i], x)
+            if i < self.image_adapt_until:
+                x = mix_residual(x, self.image_adapter["layer_adapters"][i], self.image_adapt_weight)
+            if i + 1 in self.levels:
+                taps.append(self.clip.visual.ln_post(x[:, 1:]))
+        seg_tokens = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.image_adapter["seg_proj"], taps)]
+        det_token = F.normalize(self.image_adapter["det_proj"](taps[-1]), dim=-1).mean(dim=1)
+        return seg_tokens, det_token
+
+    def stage1_features(
+        self, image: torch.Tensor, levels: list[int] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Stage-1 patch features of the non-adapted CLIP (spec §3).
+
+        `P_l = normalize(proj(ln_post(surgery_tokens_l[:, 1:]))) + normalize(cls)[:, None]` for each
+        level l, where the surgery path uses V-V attention from block `surgery_start` on and `cls` is the
+        plain CLIP's final image embedding. The blocks before `surgery_start` are computed once for both
+        paths. image: [B, 3, S, S] -> (levels x [B, N, D], cls [B, D]).
+        """
+        levels = self.levels if levels is None else levels
+        blocks = self.clip.visual.transformer.resblocks
+        trunk_end = min(self.surgery_start, max(levels))
+        taps: dict[int, torch.Tensor] = {}
+        x = self.embed_image(image)
+        for i in range(trunk_end):
+            x = block_forward(blocks[i], x)
+            if i + 1 in levels:
+                taps[i + 1] = x[:, 1:]
+        plain = x
+        for i in range(trunk_end, self.vision_depth):
+            plain = block_forward(blocks[i], plain)
+        for i in range(trunk_end, max(levels)):
+            x = block_forward(blocks[i], x, value_only=True, batch_mixing=self.surgery_batch_mixing)
+            if i + 1 in levels:
+                taps[i + 1] = x[:, 1:]
+        cls = self.project_tokens(plain[:, :1])[:, 0]
+        cls_unit = F.normalize(cls, dim=-1)[:, None]
+        feats = [F.normalize(self.project_tokens(taps[level]), dim=-1) + cls_unit for level in levels]
+        return feats, cls

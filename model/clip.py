@@ -1,0 +1,126 @@
+"""The frozen CLIP backbone: any open_clip ViT CLIP, built at a chosen image size, with weights from
+an OpenAI TorchScript `.pt`, a state-dict file, open_clip's `openai` download, or none (random)."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.model import resize_pos_embed, resize_text_pos_embed
+
+from utils import UserError
+
+open_clip.add_model_config(Path(__file__).parent / "configs")
+
+OPENAI_URLS = {
+    "ViT-L-14-336": "https://openaipublic.azureedge.net/clip/models/"
+    "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+# Keys the OpenAI TorchScript archive stores beside the weights.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.split("/", 1)[-1].startswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads CLIP weights from an OpenAI TorchScript archive, a torch state dict (`.pt/.pth/.bin`,
+    optionally wrapped in `state_dict`/`model` and with `module.` prefixes) or `.safetensors`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"weight file {path} not found. Download the OpenAI CLIP weights (e.g. ViT-L-14-336px.pt from "
+            f"{OPENAI_URLS['ViT-L-14-336']}) and pass its path with --pretrained, or use --pretrained openai "
+            "when online, or --pretrained none for random weights"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        elif _is_torchscript(path):
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch/zip/safetensors raise many types for a damaged file
+        raise UserError(f"cannot read weight file {path} ({type(e).__name__}: {e}); the file is damaged or not "
+                        "a CLIP checkpoint: download it again") from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not sd:
+        raise UserError(f"weight file {path} holds no state dict")
+    sd = {k.removeprefix("module."): v for k, v in sd.items() if k not in _OPENAI_EXTRA_KEYS}
+    return sd
+
+
+def _download_openai(model_name: str) -> str:
+    cfg = open_clip.get_pretrained_cfg(model_name, "openai")
+    if not cfg:
+        raise UserError(f"open_clip has no 'openai' weights for {model_name}; pass a weight file with --pretrained")
+    try:
+        return open_clip.download_pretrained(cfg)
+    except Exception as e:  # network errors come in many types
+        url = OPENAI_URLS.get(model_name, cfg.get("url", ""))
+        raise UserError(
+            f"downloading the OpenAI weights for {model_name} failed ({type(e).__name__}); this machine is "
+            f"probably offline. Download {url or 'the OpenAI .pt file'} on a connected machine and pass its "
+            "path with --pretrained"
+        ) from None
+
+
+def load_clip_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Loads a CLIP state dict into `model`, resizing the vision positional embedding to the model's
+    grid (bicubic, antialias, CLS kept: open_clip's `resize_pos_embed`)."""
+    sd = dict(state_dict)
+    if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    resize_pos_embed(sd, model)
+    resize_text_pos_embed(sd, model)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:3]
+        raise UserError(
+            f"weights in {source} do not fit the chosen architecture ({'; '.join(s.strip() for s in first)}); "
+            "pass the --model that the weights were trained for"
+        ) from None
+
+
+def build_clip(
+    model_name: str = "ViT-L-14-336",
+    pretrained: str = "none",
+    image_size: int | None = 518,
+    quick_gelu: bool = False,
+) -> torch.nn.Module:
+    """Builds an open_clip CLIP (on the CPU, fp32, eval mode, frozen) at `image_size`.
+
+    `pretrained`: `none` (random weights), `openai` (open_clip's download/cache), or a weight file.
+    The default activation is plain GELU as in the original AA-CLIP code; `quick_gelu=True` gives the
+    activation the OpenAI weights were trained with.
+    """
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise UserError(f"unknown model {model_name!r}; choose one of open_clip's: {', '.join(open_clip.list_models())}")
+    if "timm_model_name" in cfg.get("vision_cfg", {}) or "hf_model_name" in cfg.get("text_cfg", {}):
+        raise UserError(f"{model_name} is not a plain CLIP ViT; AA-CLIP needs open_clip's own VisionTransformer")
+    patch = cfg["vision_cfg"]["patch_size"]
+    if image_size is not None and image_size % patch:
+        raise UserError(f"--image_size {image_size} is not a multiple of {model_name}'s patch size {patch}")
+    model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size,
+                                   force_quick_gelu=quick_gelu)
+    if pretrained != "none":
+        path = _download_openai(model_name) if pretrained == "openai" else pretrained
+        load_clip_weights(model, load_state_dict_file(path), str(path))
+    model.eval().requires_grad_(False)
+    return model
+
+
+def get_tokenizer(model_name: str):
+    """open_clip's tokenizer for `model_name`: `tokenizer(list_of_str) -> LongTensor [N, 77]`."""
+    return open_clip.get_tokenizer(model_name)

@@ -1,0 +1,253 @@
+"""Evaluate a trained AA-CLIP (baseline or cross-attention) on a dataset's test split, spec §7.
+
+    python test.py --save_path ckpt/baseline --dataset MVTec
+    python test.py --save_path ckpt/baseline --dataset MVTec --all_epochs --visualize
+
+Model flags default to the ones saved in <save_path>/args.json by training.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset import ADDataset, get_dataset_info
+from forward_utils_cross_attention import CROSS_ATTN_CKPT, cross_attention_anchor_fn, load_cross_attention_model
+from forward_utils import AnchorFn, PromptBank, anomaly_map, class_anchor_fn, image_logits
+from metrics import METRIC_NAMES, mean_metrics, metrics_eval
+from model import AdaptedCLIP, get_tokenizer
+from train import ARCH_KEYS, add_data_args, add_model_args, build_model, load_dataset, resolve_precision
+from utils import (RANDOM_WEIGHTS_BANNER, UserError, autocast, cli_main, ensure_writable_dir, load_checkpoint,
+                   load_module_state, resolve_device, setup_logger)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_data_args(p, default_dataset="MVTec")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--save_path", required=True, help="folder written by train.py or train_cross_attention.py")
+    g.add_argument("--epoch", type=int, default=None,
+                   help="evaluate image_adapter_<epoch>.pth (default: the last epoch)")
+    g.add_argument("--all_epochs", action="store_true", help="evaluate every saved epoch, in numeric order")
+    g.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    g.add_argument("--text_context", choices=["image", "none"], default="image",
+                   help="cross-attention runs only: anchors from each test image's own context, or with the "
+                        "cross-attention bypassed (default: %(default)s)")
+    g.add_argument("--visualize", action="store_true",
+                   help="save image | ground truth | anomaly map panels under <results>/vis/")
+    g.add_argument("--results_dir", default=None, help="where tables go (default: <save_path>/results)")
+    return p
+
+
+def apply_saved_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     argv: list[str] | None = None) -> argparse.Namespace:
+    """Fills the model flags the command line did not give from `<save_path>/args.json` (written by
+    training), and sets `args.variant` and the cross-attention sizes."""
+    argv = sys.argv[1:] if argv is None else argv
+    given = {a.dest for a in parser._actions if any(o == arg or arg.startswith(o + "=")
+                                                     for o in a.option_strings for arg in argv)}
+    save_dir = Path(args.save_path)
+    if not save_dir.is_dir():
+        raise UserError(f"--save_path {save_dir} does not exist; train first or fix the path")
+    saved_path = save_dir / "args.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+    for key in ARCH_KEYS + ("pretrained", "text_adapt_weight", "image_adapt_weight", "surgery_batch_mixing"):
+        if key in saved and key not in given and hasattr(args, key):
+            setattr(args, key, saved[key])
+    args.variant = detect_variant(save_dir, saved)
+    args.cross_attn_heads = saved.get("cross_attn_heads", 8)
+    args.cross_attn_dropout = saved.get("cross_attn_dropout", 0.1)
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_parser()
+    return apply_saved_args(parser, parser.parse_args(argv), argv)
+
+
+def detect_variant(save_dir: Path, saved: dict) -> str:
+    if (save_dir / CROSS_ATTN_CKPT).exists() or saved.get("variant") == "cross_attention":
+        return "cross_attention"
+    return "baseline"
+
+
+def epoch_checkpoints(save_dir: Path) -> dict[int, Path]:
+    """`image_adapter_<k>.pth` files by k; a lone `image_adapter.pth` counts as its own epoch."""
+    found = {int(m.group(1)): p for p in save_dir.glob("image_adapter_*.pth")
+             if (m := re.fullmatch(r"image_adapter_(\d+)\.pth", p.name))}
+    if not found and (save_dir / "image_adapter.pth").exists():
+        found[int(load_checkpoint(save_dir / "image_adapter.pth")["epoch"])] = save_dir / "image_adapter.pth"
+    if not found:
+        raise UserError(f"no image_adapter*.pth in {save_dir}; train Stage 2 first (train.py --image_epoch > 0)")
+    return dict(sorted(found.items()))
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[AdaptedCLIP, bool]:
+    """The model with its trained text side loaded; returns (model, text adapter trained?)."""
+    save_dir = Path(args.save_path)
+    if args.variant == "cross_attention":
+        return load_cross_attention_model(args, device), True
+    if (save_dir / CROSS_ATTN_CKPT).exists():
+        raise UserError(f"{save_dir} holds a cross-attention run; evaluate it without forcing the baseline")
+    model = build_model(args).to(device)
+    text_ckpt = save_dir / "text_adapter.pth"
+    if not text_ckpt.exists():
+        return model, False
+    load_module_state(model.text_adapter, load_checkpoint(text_ckpt), "text_adapter", text_ckpt)
+    return model, True
+
+
+def make_anchor_fn(args: argparse.Namespace, model: AdaptedCLIP, bank: PromptBank, text_trained: bool) -> AnchorFn:
+    if args.variant == "cross_attention":
+        return cross_attention_anchor_fn(model, bank, args.text_context)
+    return class_anchor_fn(model, bank, adapt=text_trained)
+
+
+@torch.no_grad()
+def predict(model: AdaptedCLIP, loader: DataLoader, anchor_fn: AnchorFn, bank: PromptBank, domain: str,
+            device: torch.device, precision: str, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anomaly maps [N, S, S] and image scores `(s + 1) / 2` [N] of every image, in loader order."""
+    maps, scores = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        images = batch["image"].to(device, non_blocking=True)
+        class_idx = bank.class_indices(batch["class_name"], device)
+        with autocast(device, precision):
+            anchors = anchor_fn(images, class_idx)
+            seg_tokens, det_token = model(images)
+        maps.append(anomaly_map(seg_tokens, anchors, model.grid, images.shape[-1], domain))
+        scores.append((image_logits(det_token, anchors)[:, 1] + 1) / 2)
+    return torch.cat(maps), torch.cat(scores)
+
+
+def evaluate_classes(ds: ADDataset, maps: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor,
+                     domain: str) -> dict[str, dict]:
+    """Per-class metrics (percent, None where undefined)."""
+    names = np.array([s["class_name"] for s in ds.samples])
+    labels = torch.tensor([int(s["label"]) for s in ds.samples], device=maps.device)
+    results = {}
+    for name in ds.class_names:
+        idx = torch.from_numpy(np.flatnonzero(names == name)).to(maps.device)
+        results[name] = metrics_eval(maps[idx], scores[idx], labels[idx], masks[idx] if ds.has_masks else None,
+                                     domain)
+    return results
+
+
+def format_table(results: dict[str, dict], title: str) -> str:
+    """Markdown table of the per-class metrics and their mean."""
+    rows = {**results, "mean": mean_metrics(results)}
+    head = "| class | " + " | ".join(METRIC_NAMES) + " |"
+    lines = [title, "", head, "|" + "---|" * (len(METRIC_NAMES) + 1)]
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join("n/a" if m[k] is None else f"{m[k]:.2f}" for k in METRIC_NAMES) + " |")
+    return "\n".join(lines)
+
+
+def save_results(results: dict[str, dict], out: Path, meta: dict) -> None:
+    """`<out>.csv` (one row per class plus mean) and `<out>.json` (with the run's metadata)."""
+    rows = {**results, "mean": mean_metrics(results)}
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", *METRIC_NAMES])
+        for name, m in rows.items():
+            w.writerow([name, *("n/a" if m[k] is None else f"{m[k]:.4f}" for k in METRIC_NAMES)])
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "per_class": results, "mean": rows["mean"]},
+                                                   indent=2))
+
+
+def collect_masks(ds: ADDataset, loader: DataLoader, device: torch.device) -> torch.Tensor:
+    """Ground-truth masks [N, S, S] bool, in loader order."""
+    return torch.cat([b["mask"][:, 0].to(device).bool() for b in loader])
+
+
+def visualize(ds: ADDataset, maps: torch.Tensor, out_dir: Path) -> None:
+    """image | ground truth | anomaly map panels, one PNG per test image."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dataset import denormalize
+
+    for i, sample in enumerate(tqdm(ds.samples, desc="visualize", leave=False)):
+        item = ds[i]
+        path = out_dir / sample["class_name"] / (Path(sample["image_path"]).with_suffix("").as_posix()
+                                                 .replace("/", "_") + ".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+        panels = [(denormalize(item["image"]), "image", None), (item["mask"][0].numpy(), "ground truth", "gray"),
+                  (maps[i].float().cpu().numpy(), "anomaly map", "jet")]
+        for ax, (img, title, cmap) in zip(axes, panels):
+            ax.imshow(img, cmap=cmap)
+            ax.set_title(title)
+            ax.axis("off")
+        fig.suptitle(f"{sample['class_name']} label={sample['label']}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+
+
+def load_image_adapter(model: AdaptedCLIP, path: Path) -> int:
+    ckpt = load_checkpoint(path)
+    load_module_state(model.image_adapter, ckpt, "image_adapter", path)
+    return int(ckpt["epoch"])
+
+
+@cli_main
+def main() -> None:
+    args = parse_args()
+    device = resolve_device(args.device)
+    args.precision = resolve_precision(args, device)
+    save_dir = Path(args.save_path)
+    results_dir = ensure_writable_dir(args.results_dir or save_dir / "results")
+    logger = setup_logger(results_dir, "test")
+    banner = RANDOM_WEIGHTS_BANNER if args.pretrained == "none" else ""
+    if banner:
+        logger.info(banner)
+
+    checkpoints = epoch_checkpoints(save_dir)
+    if args.all_epochs:
+        chosen = list(checkpoints.items())
+    else:
+        epoch = args.epoch if args.epoch is not None else max(checkpoints)
+        if epoch not in checkpoints:
+            raise UserError(f"no checkpoint for epoch {epoch} in {save_dir}; saved epochs: {list(checkpoints)}")
+        chosen = [(epoch, checkpoints[epoch])]
+
+    model, text_trained = load_model(args, device)
+    model.eval()
+    ds = load_dataset(args, args.dataset, None)
+    domain = get_dataset_info(args.dataset)["domain"]
+    bank = PromptBank(get_tokenizer(args.model), args.dataset, ds.class_names).to(device)
+    anchor_fn = make_anchor_fn(args, model, bank, text_trained)
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    masks = collect_masks(ds, loader, device) if ds.has_masks else None
+    suffix = f"_{args.text_context}" if args.variant == "cross_attention" else ""
+    for epoch, path in chosen:
+        load_image_adapter(model, path)
+        maps, scores = predict(model, loader, anchor_fn, bank, domain, device, args.precision,
+                               f"{args.dataset} epoch {epoch}")
+        results = evaluate_classes(ds, maps, scores, masks, domain)
+        title = (f"{args.dataset} | {args.variant}{suffix} | {path.name} | {args.model} pretrained={args.pretrained}"
+                 + (f"\n{banner}" if banner else ""))
+        logger.info("\n" + format_table(results, title))
+        out = results_dir / f"{args.dataset}_epoch{epoch}{suffix}"
+        save_results(results, out, {"dataset": args.dataset, "epoch": epoch, "checkpoint": str(path),
+                                    "variant": args.variant + suffix, "model": args.model,
+                                    "pretrained": args.pretrained, "random_weights": bool(banner),
+                                    "precision": args.precision, "image_size": args.image_size})
+        logger.info(f"saved {out}.csv and {out}.json")
+        if args.visualize:
+            visualize(ds, maps, results_dir / "vis" / f"{args.dataset}_epoch{epoch}{suffix}")
+
+
+if __name__ == "__main__":
+    main()
