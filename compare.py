@@ -18,12 +18,12 @@ import argparse
 import csv
 import glob
 import json
+import os
 import re
 import warnings
 from pathlib import Path
 
 import numpy as np
-import scipy.stats
 
 from metrics import METRIC_NAMES
 from utils import RANDOM_WEIGHTS_BANNER, UserError, cli_main
@@ -42,7 +42,7 @@ def default_label(paths: list[Path]) -> str:
     names = [p.resolve().name for p in paths]
     if len(names) == 1:
         return names[0]
-    prefix = re.sub(r"([_\-.]?seed)?[_\-.]*$", "", __import__("os").path.commonprefix(names))
+    prefix = re.sub(r"([_\-.]?seed)?[_\-.]*$", "", os.path.commonprefix(names))
     if not prefix:
         raise UserError(f"runs {', '.join(names)} share no name prefix; give the arm a label (label=path,...)")
     return prefix
@@ -158,24 +158,28 @@ def pair_runs(reference: list[dict], runs: list[dict]) -> tuple[list[tuple[dict,
     """Runs of two arms paired by the `seed` in their args.json -> (pairs, pairing name, notes).
     One run on each side is paired as is."""
     if len(reference) == 1 and len(runs) == 1:
-        return [(reference[0], runs[0])], "classes (one run per arm)", []
+        return [(reference[0], runs[0])], "pairs over classes (one run per arm)", []
+    notes = [f"left out {run['path']} (no seed in its args.json)"
+             for run in reference + runs if run["seed"] is None]
     seeds = []
     for side in (reference, runs):
-        by_seed = {}
-        for run in side:
+        by_seed: dict[int, dict] = {}
+        for run in (r for r in side if r["seed"] is not None):
             if run["seed"] in by_seed:
                 raise UserError(f"{by_seed[run['seed']]['path']} and {run['path']} both have seed {run['seed']}; "
                                 f"pairing by seed needs distinct seeds within an arm")
             by_seed[run["seed"]] = run
         seeds.append(by_seed)
-    common = sorted(set(seeds[0]) & set(seeds[1]) - {None})
-    notes = [f"left out {run['path']} (seed {run['seed']}: no run with that seed in the other arm)"
-             for side in seeds for seed, run in side.items() if seed not in common]
-    return [(seeds[0][s], seeds[1][s]) for s in common], "(seed, class)", notes
+    common = sorted(set(seeds[0]) & set(seeds[1]))
+    notes += [f"left out {run['path']} (seed {seed}: no run with that seed in the other arm)"
+              for side in seeds for seed, run in side.items() if seed not in common]
+    return [(seeds[0][s], seeds[1][s]) for s in common], "pairs over (seed, class)", notes
 
 
 def test_differences(arm: np.ndarray, reference: np.ndarray) -> tuple[float | None, float | None]:
     """Two-sided Wilcoxon signed-rank and paired t-test p-values (None where undefined)."""
+    import scipy.stats  # slow to import (~1.5 s) and only needed here: keeps --help and errors quick
+
     d = arm - reference
     if d.size == 0:
         return None, None
@@ -201,10 +205,10 @@ def paired_tests(arms: dict[str, list[dict]], metrics: list[str]) -> tuple[list[
         pairs, pairing, arm_notes = pair_runs(reference, runs)
         notes += [f"{label} vs {ref_label}: {n}" for n in arm_notes]
         for metric in metrics:
-            values = [(b["per_class"][c].get(metric), a["per_class"][c].get(metric)) for a, b in pairs
-                      for c in classes]
-            arm_v, ref_v = (np.array(x, dtype=float).reshape(-1)
-                            for x in zip(*[(v, r) for v, r in values if v is not None and r is not None]) or ([], []))
+            values = [(run["per_class"][c].get(metric), ref["per_class"][c].get(metric))
+                      for ref, run in pairs for c in classes]
+            defined = np.array([v for v in values if None not in v], dtype=float).reshape(-1, 2)
+            arm_v, ref_v = defined[:, 0], defined[:, 1]
             wilcoxon_p, t_p = test_differences(arm_v, ref_v)
             rows.append({"arm": label, "reference": ref_label, "metric": metric, "pairing": pairing,
                          "n": int(arm_v.size), "mean_diff": float(np.mean(arm_v - ref_v)) if arm_v.size else None,
@@ -227,8 +231,11 @@ def fmt_stat(stat: Stat, n_runs: int) -> str:
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """Padded so that it also reads as a table in a terminal; columns after the first right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                           for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    def line(cells: list[str]) -> str:
+        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "| " + " | ".join(padded) + " |"
+
     rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
     return "\n".join([line(header), rule, *map(line, rows)])
 
@@ -256,7 +263,7 @@ def report(arms: dict[str, list[dict]], metrics: list[str], dataset: str, epoch:
     if len(arms) > 1:
         tests, notes = paired_tests(arms, metrics)
         lines += [f"## Paired tests vs {reference} (per-class values; Wilcoxon signed-rank drops zero differences)",
-                  "", markdown_table(["arm", "metric", "pairs over", "n", "mean Δ", "Wilcoxon p", "t-test p"],
+                  "", markdown_table(["arm", "metric", "pairing", "n", "mean Δ", "Wilcoxon p", "t-test p"],
                                      [[t["arm"], t["metric"], t["pairing"], str(t["n"]), fmt(t["mean_diff"], "+.2f"),
                                        fmt(t["wilcoxon_p"], ".3g"), fmt(t["t_p"], ".3g")] for t in tests]), ""]
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])

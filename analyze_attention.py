@@ -1,0 +1,313 @@
+"""Where do the prompt words look? Cross-attention maps and defect grounding of a cross-attention run.
+
+    python analyze_attention.py --save_path ckpt/cross_attn --dataset MVTec --classes bottle cable
+    python analyze_attention.py --save_path ckpt/cross_attn --dataset MVTec --prompts "a scratched {}." "a {}."
+
+The text stream after text block 1 attends to the image context (the level-1 Stage-1 patch features);
+a word's map is its tokens' attention rows over the patches, averaged over heads and over the word's
+BPE tokens. For each class this writes, under --out:
+
+  <class>/<image>/p<k>_<prompt>.png   the image (defect outlined) and one attention panel per word, for
+                                      the first --num_images test images (anomalous first) and each prompt
+  grounding.csv, grounding.md         per class, the mean grounding ratio of the state words ("damaged",
+                                      "broken", "flaw", "defect", "damage") and of the object words (the
+                                      class's real name), over its anomalous test images with a mask
+
+Grounding ratio = share of the word's attention inside the defect / share of the image the defect covers
+(mask averaged per patch): 1 = no grounding, > 1 = the word attends to the defect.
+Model flags default to the ones saved in <save_path>/args.json by training.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from dataset import PROMPTS, ADDataset, DatasetError, get_real_name
+from dataset.loader import CLIP_MEAN, CLIP_STD
+from forward_utils_cross_attention import load_cross_attention_model
+from model import get_tokenizer
+from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention
+from test import apply_saved_args
+from train import add_data_args, add_model_args, load_dataset, resolve_precision
+from utils import RANDOM_WEIGHTS_BANNER, UserError, autocast, cli_main, ensure_writable_dir, resolve_device
+
+STATE_WORDS = ("damaged", "broken", "flaw", "defect", "damage")
+TEMPLATE = "a photo of {}."
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_data_args(p, default_dataset="MVTec")
+    g = p.add_argument_group("analysis")
+    g.add_argument("--save_path", required=True, help="folder written by train_cross_attention.py")
+    g.add_argument("--classes", nargs="+", default=None, help="classes to analyse (default: all of the test set)")
+    g.add_argument("--num_images", type=int, default=4,
+                   help="test images per class drawn as PNGs, anomalous first; grounding always uses every "
+                        "anomalous image with a mask (default: %(default)s)")
+    g.add_argument("--prompts", nargs="+", default=None,
+                   help="prompt templates, '{}' = the class's real name (default: the 'a photo of {}.' template "
+                        "with the first normal state and the five abnormal states, e.g. 'a photo of a damaged {}.')")
+    g.add_argument("--out", default=None, help="output folder (default: <save_path>/attention)")
+    g.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_parser()
+    args = apply_saved_args(parser, parser.parse_args(argv), argv)
+    if args.variant != "cross_attention":
+        raise UserError(f"{args.save_path} is not a cross-attention run (no text_adapter_cross_attn.pth); "
+                        "train one with train_cross_attention.py")
+    if args.num_images < 0:
+        raise UserError(f"--num_images must be >= 0, got {args.num_images}")
+    return args
+
+
+# ---------------------------------------------------------------- prompts and words
+def default_templates() -> list[str]:
+    """One normal and every abnormal state in TEMPLATE, '{}' left for the class name."""
+    return [TEMPLATE.format(s) for s in PROMPTS["prompt_normal"][:1] + PROMPTS["prompt_abnormal"]]
+
+
+def _word_spans_with_offsets(tokenizer, sentence: str) -> list[tuple[str, list[int], int]]:
+    """(word, token positions, character offset of the word). Words are whitespace-separated chunks
+    without their leading/trailing punctuation, whose tokens are dropped; position 0 is SOT."""
+    spans, pos, ids = [], 1, []
+    for m in re.finditer(r"\S+", sentence):
+        lead, core, trail = re.fullmatch(r"(\W*)(.*?)(\W*)", m.group()).groups()
+        chunk = tokenizer.encode(m.group())
+        head, tail = tokenizer.encode(lead), tokenizer.encode(trail)
+        # BPE pieces never cross whitespace, but punctuation can merge with letters ("'d" of "'dog'"):
+        # then the whole chunk is the word.
+        if chunk[:len(head)] != head or chunk[len(chunk) - len(tail):] != tail or len(head) + len(tail) >= len(chunk):
+            head, tail, core, offset = [], [], m.group(), m.start()
+        else:
+            offset = m.start() + len(lead)
+        if core:
+            spans.append((core, list(range(pos + len(head), pos + len(chunk) - len(tail))), offset))
+        pos += len(chunk)
+        ids += chunk
+    full = tokenizer([sentence])[0].tolist()
+    if full[1:1 + len(ids)] != ids or pos >= tokenizer.context_length:
+        raise UserError(f"prompt {sentence!r} does not fit the {tokenizer.context_length}-token context "
+                        "or tokenises differently word by word; shorten it")
+    return spans
+
+
+def word_token_spans(tokenizer, sentence: str) -> list[tuple[str, list[int]]]:
+    """The words of `sentence` with their token positions in `tokenizer([sentence])[0]` (SOT at 0)."""
+    return [(w, p) for w, p, _ in _word_spans_with_offsets(tokenizer, sentence)]
+
+
+@dataclass
+class Prompt:
+    text: str
+    words: list[tuple[str, list[int]]]
+    groups: list[str | None]  # per word: "state", "object" (inside the real name) or None
+
+
+def build_prompt(tokenizer, template: str, real_name: str) -> Prompt:
+    """`template` with '{}' replaced by `real_name` (a template without '{}' is used as is)."""
+    start = template.find("{}")
+    text = template.replace("{}", real_name)
+    name_range = range(start, start + len(real_name)) if start >= 0 else range(0)
+    spans = _word_spans_with_offsets(tokenizer, text)
+    groups = ["object" if off in name_range else "state" if w.lower() in STATE_WORDS else None
+              for w, _, off in spans]
+    return Prompt(text, [(w, p) for w, p, _ in spans], groups)
+
+
+# ---------------------------------------------------------------- attention and grounding
+@torch.no_grad()
+def token_attention(model: AdaptedCLIPWithCrossAttention, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Cross-attention of every prompt token on every image, heads averaged.
+    tokens: [P, 77], context: [B, N, D] -> [B, P, T, N] (float32, rows sum to 1 over N)."""
+    x, _ = model.text_after_first_block(tokens[None])
+    _, p, t, w = x.shape
+    x = x.reshape(1, p * t, w).expand(context.shape[0], -1, -1)
+    att = model.text_cross_attn.attention_weights(x, context).float().mean(dim=1)
+    return att.view(-1, p, t, att.shape[-1])
+
+
+def word_maps(att: torch.Tensor, words: list[tuple[str, list[int]]]) -> torch.Tensor:
+    """A word's map = mean of its tokens' rows. att: [T, N] (one image, one prompt) -> [n_words, N]."""
+    return torch.stack([att[positions].mean(dim=0) for _, positions in words])
+
+
+def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Share of each patch covered by the defect, patches in row-major order. mask: [S, S] -> [h*w]."""
+    return F.adaptive_avg_pool2d(mask[None, None].float(), grid).flatten()
+
+
+def grounding_ratio(attn: torch.Tensor, mask_grid: torch.Tensor) -> float:
+    """(attention share inside the mask) / (mask share of the image). attn, mask_grid: [N]."""
+    inside = float((attn * mask_grid).sum() / attn.sum())
+    return inside / float(mask_grid.mean())
+
+
+# ---------------------------------------------------------------- figures
+def to_display(image: torch.Tensor) -> np.ndarray:
+    """CLIP-normalised [3, S, S] -> [S, S, 3] in [0, 1]."""
+    img = image.permute(1, 2, 0).cpu().numpy() * np.array(CLIP_STD) + np.array(CLIP_MEAN)
+    return img.clip(0, 1)
+
+
+def save_figure(path: Path, image: torch.Tensor, mask: torch.Tensor | None, prompt: Prompt, maps: torch.Tensor,
+                grid: tuple[int, int], title: str) -> None:
+    """image (defect outlined) | one panel per word: its map upsampled bilinearly to the image, overlaid.
+    image: [3, S, S], mask: [S, S] or None, maps: [n_words, N]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = image.shape[-1]
+    up = F.interpolate(maps.view(-1, 1, *grid), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    mask_grid = mask_to_grid(mask, grid) if mask is not None else None
+    n = len(prompt.words) + 1
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.8), squeeze=False)
+    img = to_display(image)
+    panels = [("image", None)] + [(w, up[i]) for i, (w, _) in enumerate(prompt.words)]
+    for i, (ax, (name, heat)) in enumerate(zip(axes[0], panels)):
+        ax.imshow(img)
+        if heat is not None:
+            ax.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5, vmin=0)
+            if mask_grid is not None:
+                name += f"\nratio {grounding_ratio(maps[i - 1], mask_grid):.2f}"
+        if mask is not None:
+            ax.contour(mask.cpu().numpy(), levels=[0.5], colors="white", linewidths=1)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f'{title}\n"{prompt.text}"', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def slug(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit]
+
+
+# ---------------------------------------------------------------- per class
+def image_ratios(prompts: list[Prompt], maps: list[torch.Tensor], mask_grid: torch.Tensor) -> dict[str, float]:
+    """One image's mean ratio per column: the groups "state" and "object", and each state word.
+    maps: per prompt [n_words, N]."""
+    values = defaultdict(list)
+    for prompt, m in zip(prompts, maps):
+        for i, ((word, _), group) in enumerate(zip(prompt.words, prompt.groups)):
+            if group is None:
+                continue
+            r = grounding_ratio(m[i], mask_grid)
+            values[group].append(r)
+            if group == "state":
+                values[word.lower()].append(r)
+    return {k: float(np.mean(v)) for k, v in values.items()}
+
+
+def analyze_class(model: AdaptedCLIPWithCrossAttention, ds: ADDataset, class_name: str, prompts: list[Prompt],
+                  tokens: torch.Tensor, args: argparse.Namespace, device: torch.device, out: Path,
+                  title: str) -> dict[str, list[float]]:
+    """Draws the first `num_images` images and returns, per column, the ratio of each anomalous image
+    with a non-empty mask."""
+    idx = [i for i, s in enumerate(ds.samples) if s["class_name"] == class_name]
+    drawn = set(sorted(idx, key=lambda i: ds.samples[i]["label"] == 0)[:args.num_images])
+    used = [i for i in idx if i in drawn or (ds.samples[i]["label"] == 1 and ds.samples[i]["mask_path"])]
+    loader = DataLoader(Subset(ds, used), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    columns = defaultdict(list)
+    k = 0
+    for batch in loader:
+        images = batch["image"].to(device)
+        with autocast(device, args.precision):
+            att = token_attention(model, tokens, model.image_context(images)).cpu()
+        for b in range(images.shape[0]):
+            i, k = used[k], k + 1
+            maps = [word_maps(att[b, j], p.words) for j, p in enumerate(prompts)]
+            mask = batch["mask"][b, 0]
+            has_defect = batch["label"][b] == 1 and mask.sum() > 0
+            if has_defect:
+                for col, r in image_ratios(prompts, maps, mask_to_grid(mask, model.grid)).items():
+                    columns[col].append(r)
+            if i in drawn:
+                folder = out / class_name / slug(Path(ds.samples[i]["image_path"]).with_suffix("").as_posix(), 120)
+                folder.mkdir(parents=True, exist_ok=True)
+                for j, (p, m) in enumerate(zip(prompts, maps)):
+                    save_figure(folder / f"p{j}_{slug(p.text)}.png", batch["image"][b], mask if has_defect else None,
+                                p, m, model.grid, f"{title}\n{ds.samples[i]['image_path']} label={int(batch['label'][b])}")
+    return columns
+
+
+# ---------------------------------------------------------------- table
+def table_columns(results: dict[str, dict[str, list[float]]]) -> list[str]:
+    present = {c for cols in results.values() for c in cols}
+    return [c for c in ("state", "object", *STATE_WORDS) if c in present]
+
+
+def format_markdown(results: dict[str, dict[str, list[float]]], title: str) -> str:
+    """Rows class, columns word groups / state words, cells 'mean ratio (n images)'."""
+    cols = table_columns(results)
+    lines = [title, "", "| class | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name, values in results.items():
+        cells = [f"{np.mean(values[c]):.2f} ({len(values[c])})" if values.get(c) else "n/a" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(results: dict[str, dict[str, list[float]]], path: Path, pretrained: str) -> None:
+    """Columns: class, then `<column>` (mean ratio, empty if no image) and `<column>_n` (images), pretrained."""
+    cols = table_columns(results)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", *(x for c in cols for x in (c, f"{c}_n")), "pretrained"])
+        for name, values in results.items():
+            cells = [x for c in cols for x in ((f"{np.mean(values[c]):.4f}", len(values[c])) if values.get(c)
+                                                else ("", 0))]
+            w.writerow([name, *cells, pretrained])
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """The whole analysis; returns per class and column the per-image ratios."""
+    device = resolve_device(args.device)
+    args.precision = resolve_precision(args, device)
+    out = ensure_writable_dir(args.out or Path(args.save_path) / "attention")
+    banner = RANDOM_WEIGHTS_BANNER if args.pretrained == "none" else ""
+    if banner:
+        print(banner)
+    try:
+        ds = load_dataset(args, args.dataset, None, class_names=args.classes)
+    except DatasetError as e:
+        raise UserError(str(e)) from None
+    model = load_cross_attention_model(args, device).eval()
+    tokenizer = get_tokenizer(args.model)
+    templates = args.prompts or default_templates()
+    title = f"{args.dataset} | {Path(args.save_path).name} | {args.model} pretrained={args.pretrained}" + (
+        f"\n{banner}" if banner else "")
+    results = {}
+    for name in args.classes or ds.class_names:
+        prompts = [build_prompt(tokenizer, t, get_real_name(args.dataset, name)) for t in templates]
+        tokens = tokenizer([p.text for p in prompts]).to(device)
+        results[name] = analyze_class(model, ds, name, prompts, tokens, args, device, out, f"{name} | {title}")
+        print(f"{name}: {sum(1 for _ in (out / name).glob('*/*.png')) if (out / name).exists() else 0} PNGs")
+    table = format_markdown(results, f"Grounding ratio (1 = none, > 1 = on the defect) | {title}")
+    print("\n" + table)
+    (out / "grounding.md").write_text(table + "\n")
+    write_csv(results, out / "grounding.csv", args.pretrained)
+    print(f"saved {out / 'grounding.csv'}, {out / 'grounding.md'} and the PNGs under {out}")
+    return results
+
+
+@cli_main
+def main() -> None:
+    run(parse_args())
+
+
+if __name__ == "__main__":
+    main()
