@@ -86,14 +86,13 @@ def _word_spans_with_offsets(tokenizer, sentence: str) -> list[tuple[str, list[i
     for m in re.finditer(r"\S+", sentence):
         lead, core, trail = re.fullmatch(r"(\W*)(.*?)(\W*)", m.group()).groups()
         chunk = tokenizer.encode(m.group())
-        head, tail = tokenizer.encode(lead), tokenizer.encode(trail)
-        # BPE pieces never cross whitespace, but punctuation can merge with letters ("'d" of "'dog'"):
-        # then the whole chunk is the word.
-        if chunk[:len(head)] != head or chunk[len(chunk) - len(tail):] != tail or len(head) + len(tail) >= len(chunk):
-            head, tail, core, offset = [], [], m.group(), m.start()
-        else:
-            offset = m.start() + len(lead)
         if core:
+            head, tail = tokenizer.encode(lead), tokenizer.encode(trail)
+            offset = m.start() + len(lead)
+            # BPE pieces never cross whitespace, but punctuation can merge with letters ("'d" of "'dog'"):
+            # then the whole chunk is the word.
+            if chunk[:len(head)] != head or chunk[len(chunk) - len(tail):] != tail or len(head) + len(tail) >= len(chunk):
+                head, tail, core, offset = [], [], m.group(), m.start()
             spans.append((core, list(range(pos + len(head), pos + len(chunk) - len(tail))), offset))
         pos += len(chunk)
         ids += chunk
@@ -226,13 +225,13 @@ def analyze_class(model: AdaptedCLIPWithCrossAttention, ds: ADDataset, class_nam
     k = 0
     for batch in loader:
         images = batch["image"].to(device)
-        with autocast(device, args.precision):
+        with torch.no_grad(), autocast(device, args.precision):
             att = token_attention(model, tokens, model.image_context(images)).cpu()
         for b in range(images.shape[0]):
             i, k = used[k], k + 1
             maps = [word_maps(att[b, j], p.words) for j, p in enumerate(prompts)]
             mask = batch["mask"][b, 0]
-            has_defect = batch["label"][b] == 1 and mask.sum() > 0
+            has_defect = int(batch["label"][b]) == 1 and bool(mask.sum() > 0)
             if has_defect:
                 for col, r in image_ratios(prompts, maps, mask_to_grid(mask, model.grid)).items():
                     columns[col].append(r)
@@ -295,7 +294,6 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
         prompts = [build_prompt(tokenizer, t, get_real_name(args.dataset, name)) for t in templates]
         tokens = tokenizer([p.text for p in prompts]).to(device)
         results[name] = analyze_class(model, ds, name, prompts, tokens, args, device, out, f"{name} | {title}")
-        print(f"{name}: {sum(1 for _ in (out / name).glob('*/*.png')) if (out / name).exists() else 0} PNGs")
     table = format_markdown(results, f"Grounding ratio (1 = none, > 1 = on the defect) | {title}")
     print("\n" + table)
     (out / "grounding.md").write_text(table + "\n")

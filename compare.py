@@ -1,10 +1,11 @@
 """Compare test.py results of several arms (e.g. baseline vs cross-attention), each one run or several seeds.
 
     python compare.py ckpt/baseline ckpt/cross --dataset MVTec
-    python compare.py base=ckpt/base_seed* cross=ckpt/cross_seed1,ckpt/cross_seed2 --dataset MVTec --epoch 5
+    python compare.py 'base=ckpt/base_seed*' cross=ckpt/cross_seed1,ckpt/cross_seed2 --dataset MVTec --epoch 5
 
 Each ARM is `[label=]path[,path...]`; a path may be a glob, several paths are several runs (seeds) of one
-arm. The first arm is the reference for the Δ columns and the paired tests. For every run this reads
+arm; quote globs, or the shell turns each match into an arm of its own. The first arm is the reference for
+the Δ columns and the paired tests. For every run this reads
 `<run>/results/<dataset>_epoch<k>.json` (baseline) or `<run>/results/<dataset>_epoch<k>_<text_context>.json`
 (cross-attention), as written by `python test.py --save_path <run> --dataset <dataset>`.
 
@@ -229,14 +230,15 @@ def fmt_stat(stat: Stat, n_runs: int) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """Padded so that it also reads as a table in a terminal; columns after the first right-aligned."""
+    """Padded so that it also reads as a table in a terminal; numeric columns right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    numeric = [bool(rows) and all(re.match(r"[+\-]?\d|n/a", r[i]) for r in rows) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        padded = (c.rjust(w) if right else c.ljust(w) for c, w, right in zip(cells, widths, numeric))
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+    rule = "|" + "|".join("-" * (w + 1) + (":" if right else "-") for w, right in zip(widths, numeric)) + "|"
     return "\n".join([line(header), rule, *map(line, rows)])
 
 

@@ -1,0 +1,102 @@
+"""train.py / train_cross_attention.py / test.py end to end on tiny synthetic data (in-process)."""
+import json
+import sys
+
+import pytest
+import torch
+
+import test as test_script
+import train
+import train_cross_attention
+from dataset.make_metadata import build_metadata
+from dataset.synthetic import make_synthetic
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic(str(root / "syn"), seed=0, size=64, n_normal=3, n_anomalous=3, n_train=0,
+                   classes=["disc", "stripes"])
+    build_metadata("Synthetic", str(root / "syn"), layout="mvtec", out_dir=str(root / "meta"), shots=(2,))
+    return root
+
+
+def common(data):
+    return ["--model", "tiny", "--image_size", "56", "--dataset", "Synthetic", "--data_root", str(data / "syn"),
+            "--metadata_dir", str(data / "meta"), "--shot", "2", "--text_batch_size", "2",
+            "--image_batch_size", "2", "--num_workers", "0", "--device", "cpu"]
+
+
+def run(module, argv, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *argv])
+    module.main()
+
+
+def state(path):
+    ckpt = torch.load(path, weights_only=True)
+    return {k: v for k, v in ckpt.items() if k != "epoch" and not k.endswith(("_optimizer", "_scheduler"))}
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        for name in a[k]:
+            assert torch.equal(a[k][name], b[k][name]), f"{k}.{name}"
+
+
+@pytest.mark.parametrize("module,text_ckpt", [(train, "text_adapter.pth"),
+                                              (train_cross_attention, "text_adapter_cross_attn.pth")])
+def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch, module, text_ckpt):
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    run(module, common(data) + ["--save_path", str(full), "--text_epoch", "2", "--image_epoch", "2"], monkeypatch)
+    for text_epoch, image_epoch in [(1, 0), (2, 1), (2, 2)]:
+        run(module, common(data) + ["--save_path", str(parts), "--text_epoch", str(text_epoch),
+                                    "--image_epoch", str(image_epoch)], monkeypatch)
+    assert_same_state(state(full / text_ckpt), state(parts / text_ckpt))
+    assert_same_state(state(full / "image_adapter.pth"), state(parts / "image_adapter.pth"))
+    assert torch.load(parts / "image_adapter.pth", weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in parts.glob("image_adapter_*.pth")) == ["image_adapter_1.pth", "image_adapter_2.pth"]
+    keys = set(torch.load(full / text_ckpt, weights_only=True))
+    expected = {"epoch", "text_adapter", "text_optimizer"}
+    if module is train_cross_attention:
+        expected.add("text_cross_attn")
+    assert keys == expected
+    assert "resuming" not in (full / "train.log").read_text()
+    log = (parts / "train.log").read_text()
+    assert "stage 1 epoch 2/2" in log and "loaded" in log
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """One short baseline and one short cross-attention run."""
+    out = tmp_path_factory.mktemp("runs")
+    mp = pytest.MonkeyPatch()
+    run(train, common(data) + ["--save_path", str(out / "base"), "--text_epoch", "1", "--image_epoch", "2"], mp)
+    run(train_cross_attention, common(data) + ["--save_path", str(out / "cross"), "--text_epoch", "1",
+                                               "--image_epoch", "1", "--sanity_check"], mp)
+    mp.undo()
+    return out
+
+
+def test_evaluation_of_both_variants(data, trained, monkeypatch, capsys):
+    args = ["--dataset", "Synthetic", "--data_root", str(data / "syn"), "--metadata_dir", str(data / "meta"),
+            "--num_workers", "0", "--device", "cpu"]
+    run(test_script, args + ["--save_path", str(trained / "base"), "--all_epochs", "--visualize"], monkeypatch)
+    out = capsys.readouterr().out
+    assert "RANDOM BACKBONE WEIGHTS" in out and "| mean |" in out
+    results = trained / "base" / "results"
+    for epoch in (1, 2):
+        res = json.loads((results / f"Synthetic_epoch{epoch}.json").read_text())
+        assert res["meta"]["random_weights"] is True and set(res["per_class"]) == {"disc", "stripes"}
+        assert all(0 <= v <= 100 for m in res["per_class"].values() for v in m.values() if v is not None)
+    assert len(list((results / "vis" / "Synthetic_epoch2" / "disc").glob("*.png"))) == 6
+    for context in ("image", "none"):
+        run(test_script, args + ["--save_path", str(trained / "cross"), "--text_context", context], monkeypatch)
+        res = json.loads((trained / "cross" / "results" / f"Synthetic_epoch1_{context}.json").read_text())
+        assert res["meta"]["variant"] == f"cross_attention_{context}"
+
+
+def test_epoch_checkpoints_in_numeric_order(tmp_path):
+    for k in (10, 2, 1):
+        (tmp_path / f"image_adapter_{k}.pth").write_bytes(b"")
+    assert list(test_script.epoch_checkpoints(tmp_path)) == [1, 2, 10]
