@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from dataset import PROMPTS, ADDataset, DatasetError, get_real_name
-from dataset.loader import CLIP_MEAN, CLIP_STD
+from dataset import PROMPTS, ADDataset, denormalize, get_real_name
 from forward_utils_cross_attention import load_cross_attention_model
 from model import get_tokenizer
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention
@@ -91,7 +90,8 @@ def _word_spans_with_offsets(tokenizer, sentence: str) -> list[tuple[str, list[i
             offset = m.start() + len(lead)
             # BPE pieces never cross whitespace, but punctuation can merge with letters ("'d" of "'dog'"):
             # then the whole chunk is the word.
-            if chunk[:len(head)] != head or chunk[len(chunk) - len(tail):] != tail or len(head) + len(tail) >= len(chunk):
+            split = chunk[:len(head)] == head and chunk[len(chunk) - len(tail):] == tail
+            if not split or len(head) + len(tail) >= len(chunk):
                 head, tail, core, offset = [], [], m.group(), m.start()
             spans.append((core, list(range(pos + len(head), pos + len(chunk) - len(tail))), offset))
         pos += len(chunk)
@@ -155,16 +155,11 @@ def grounding_ratio(attn: torch.Tensor, mask_grid: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- figures
-def to_display(image: torch.Tensor) -> np.ndarray:
-    """CLIP-normalised [3, S, S] -> [S, S, 3] in [0, 1]."""
-    img = image.permute(1, 2, 0).cpu().numpy() * np.array(CLIP_STD) + np.array(CLIP_MEAN)
-    return img.clip(0, 1)
-
-
 def save_figure(path: Path, image: torch.Tensor, mask: torch.Tensor | None, prompt: Prompt, maps: torch.Tensor,
                 grid: tuple[int, int], title: str) -> None:
-    """image (defect outlined) | one panel per word: its map upsampled bilinearly to the image, overlaid.
-    image: [3, S, S], mask: [S, S] or None, maps: [n_words, N]."""
+    """image (defect outlined) | one panel per word: its map upsampled bilinearly to the image, overlaid,
+    on one colour scale (0 to the figure's max) so that words compare. image: [3, S, S], mask: [S, S] or
+    None, maps: [n_words, N]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -174,12 +169,12 @@ def save_figure(path: Path, image: torch.Tensor, mask: torch.Tensor | None, prom
     mask_grid = mask_to_grid(mask, grid) if mask is not None else None
     n = len(prompt.words) + 1
     fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.8), squeeze=False)
-    img = to_display(image)
+    img = denormalize(image)
     panels = [("image", None)] + [(w, up[i]) for i, (w, _) in enumerate(prompt.words)]
     for i, (ax, (name, heat)) in enumerate(zip(axes[0], panels)):
         ax.imshow(img)
         if heat is not None:
-            ax.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5, vmin=0)
+            ax.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=float(up.max()))
             if mask_grid is not None:
                 name += f"\nratio {grounding_ratio(maps[i - 1], mask_grid):.2f}"
         if mask is not None:
@@ -187,7 +182,8 @@ def save_figure(path: Path, image: torch.Tensor, mask: torch.Tensor | None, prom
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(f'{title}\n"{prompt.text}"', fontsize=9)
-    fig.tight_layout()
+    # Fixed margins: tight_layout would draw every figure twice.
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.62, wspace=0.05)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -222,25 +218,24 @@ def analyze_class(model: AdaptedCLIPWithCrossAttention, ds: ADDataset, class_nam
     used = [i for i in idx if i in drawn or (ds.samples[i]["label"] == 1 and ds.samples[i]["mask_path"])]
     loader = DataLoader(Subset(ds, used), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     columns = defaultdict(list)
-    k = 0
-    for batch in loader:
+    for n, batch in enumerate(loader):
         images = batch["image"].to(device)
         with torch.no_grad(), autocast(device, args.precision):
             att = token_attention(model, tokens, model.image_context(images)).cpu()
-        for b in range(images.shape[0]):
-            i, k = used[k], k + 1
+        for b, i in enumerate(used[n * args.batch_size:(n + 1) * args.batch_size]):
+            sample, mask = ds.samples[i], batch["mask"][b, 0]
             maps = [word_maps(att[b, j], p.words) for j, p in enumerate(prompts)]
-            mask = batch["mask"][b, 0]
-            has_defect = int(batch["label"][b]) == 1 and bool(mask.sum() > 0)
+            has_defect = sample["label"] == 1 and bool(mask.sum() > 0)
             if has_defect:
                 for col, r in image_ratios(prompts, maps, mask_to_grid(mask, model.grid)).items():
                     columns[col].append(r)
             if i in drawn:
-                folder = out / class_name / slug(Path(ds.samples[i]["image_path"]).with_suffix("").as_posix(), 120)
+                folder = out / class_name / slug(Path(sample["image_path"]).with_suffix("").as_posix(), 120)
                 folder.mkdir(parents=True, exist_ok=True)
+                caption = f"{title}\n{sample['image_path']} label={sample['label']}"
                 for j, (p, m) in enumerate(zip(prompts, maps)):
                     save_figure(folder / f"p{j}_{slug(p.text)}.png", batch["image"][b], mask if has_defect else None,
-                                p, m, model.grid, f"{title}\n{ds.samples[i]['image_path']} label={int(batch['label'][b])}")
+                                p, m, model.grid, caption)
     return columns
 
 
@@ -280,10 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     banner = RANDOM_WEIGHTS_BANNER if args.pretrained == "none" else ""
     if banner:
         print(banner)
-    try:
-        ds = load_dataset(args, args.dataset, None, class_names=args.classes)
-    except DatasetError as e:
-        raise UserError(str(e)) from None
+    ds = load_dataset(args, args.dataset, None, class_names=args.classes)
     model = load_cross_attention_model(args, device).eval()
     tokenizer = get_tokenizer(args.model)
     templates = args.prompts or default_templates()

@@ -107,6 +107,8 @@ def load_run(path: Path, dataset: str, epoch: int | None, text_context: str) -> 
         data = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{file} is not valid JSON ({e}); rerun test.py for {path}") from None
+    if not {"per_class", "mean"} <= data.keys():
+        raise UserError(f"{file} lacks per_class or mean; rerun test.py for {path}")
     return {"path": path, "seed": saved.get("seed"), "epoch": chosen, "file": file, "meta": data.get("meta", {}),
             "per_class": data["per_class"], "mean": data["mean"]}
 

@@ -114,9 +114,10 @@ def make_anchor_fn(args: argparse.Namespace, model: AdaptedCLIP, bank: PromptBan
 
 @torch.no_grad()
 def predict(model: AdaptedCLIP, loader: DataLoader, anchor_fn: AnchorFn, bank: PromptBank, domain: str,
-            device: torch.device, precision: str, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anomaly maps [N, S, S] and image scores `(s + 1) / 2` [N] of every image, in loader order."""
-    maps, scores = [], []
+            device: torch.device, precision: str, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Anomaly maps [N, S, S], image scores `(s + 1) / 2` [N] and ground-truth masks [N, S, S] (bool) of
+    every image, in loader order."""
+    maps, scores, masks = [], [], []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         images = batch["image"].to(device, non_blocking=True)
         class_idx = bank.class_indices(batch["class_name"], device)
@@ -125,7 +126,8 @@ def predict(model: AdaptedCLIP, loader: DataLoader, anchor_fn: AnchorFn, bank: P
             seg_tokens, det_token = model(images)
         maps.append(anomaly_map(seg_tokens, anchors, model.grid, images.shape[-1], domain))
         scores.append((image_logits(det_token, anchors)[:, 1] + 1) / 2)
-    return torch.cat(maps), torch.cat(scores)
+        masks.append(batch["mask"][:, 0].to(device, non_blocking=True).bool())
+    return torch.cat(maps), torch.cat(scores), torch.cat(masks)
 
 
 def evaluate_classes(ds: ADDataset, maps: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor,
@@ -163,9 +165,15 @@ def save_results(results: dict[str, dict], out: Path, meta: dict) -> None:
                                                    indent=2))
 
 
-def collect_masks(ds: ADDataset, loader: DataLoader, device: torch.device) -> torch.Tensor:
-    """Ground-truth masks [N, S, S] bool, in loader order."""
-    return torch.cat([b["mask"][:, 0].to(device).bool() for b in loader])
+def save_image_scores(ds: ADDataset, maps: torch.Tensor, scores: torch.Tensor, path: Path) -> None:
+    """Per-image raw outputs (before the per-class min-max normalisation): image score `(s + 1) / 2` and
+    the anomaly map's maximum."""
+    peaks = maps.flatten(1).amax(dim=1).cpu().tolist()
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_path", "class_name", "label", "image_score", "map_max"])
+        for sample, score, peak in zip(ds.samples, scores.cpu().tolist(), peaks):
+            w.writerow([sample["image_path"], sample["class_name"], sample["label"], f"{score:.6f}", f"{peak:.6f}"])
 
 
 def visualize(ds: ADDataset, maps: torch.Tensor, out_dir: Path) -> None:
@@ -206,7 +214,7 @@ def main() -> None:
     device = resolve_device(args.device)
     args.precision = resolve_precision(args, device)
     save_dir = Path(args.save_path)
-    results_dir = ensure_writable_dir(args.results_dir or save_dir / "results")
+    results_dir = ensure_writable_dir(args.results_dir or save_dir / "results", "--results_dir")
     logger = setup_logger(results_dir, "test")
     banner = RANDOM_WEIGHTS_BANNER if args.pretrained == "none" else ""
     if banner:
@@ -229,13 +237,12 @@ def main() -> None:
     anchor_fn = make_anchor_fn(args, model, bank, text_trained)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    masks = collect_masks(ds, loader, device) if ds.has_masks else None
     suffix = f"_{args.text_context}" if args.variant == "cross_attention" else ""
     for epoch, path in chosen:
         load_image_adapter(model, path)
-        maps, scores = predict(model, loader, anchor_fn, bank, domain, device, args.precision,
-                               f"{args.dataset} epoch {epoch}")
-        results = evaluate_classes(ds, maps, scores, masks, domain)
+        maps, scores, masks = predict(model, loader, anchor_fn, bank, domain, device, args.precision,
+                                      f"{args.dataset} epoch {epoch}")
+        results = evaluate_classes(ds, maps, scores, masks if ds.has_masks else None, domain)
         title = (f"{args.dataset} | {args.variant}{suffix} | {path.name} | {args.model} pretrained={args.pretrained}"
                  + (f"\n{banner}" if banner else ""))
         logger.info("\n" + format_table(results, title))
@@ -244,7 +251,8 @@ def main() -> None:
                                     "variant": args.variant + suffix, "model": args.model,
                                     "pretrained": args.pretrained, "random_weights": bool(banner),
                                     "precision": args.precision, "image_size": args.image_size})
-        logger.info(f"saved {out}.csv and {out}.json")
+        save_image_scores(ds, maps, scores, out.with_name(out.name + "_images.csv"))
+        logger.info(f"saved {out}.csv, {out}.json and {out}_images.csv")
         if args.visualize:
             visualize(ds, maps, results_dir / "vis" / f"{args.dataset}_epoch{epoch}{suffix}")
 

@@ -7,12 +7,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import signal
+import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from dataset import ADDataset, get_dataset_info
@@ -90,6 +94,9 @@ def get_parser(description: str = __doc__) -> argparse.ArgumentParser:
     g.add_argument("--stage1_all_levels", action="store_true",
                    help="sum the Stage-1 seg loss over all levels (the original uses the last level only)")
     g.add_argument("--seed", type=int, default=111, help="random seed (default: %(default)s)")
+    g.add_argument("--checkpoint_every", type=int, default=0,
+                   help="also save a resumable checkpoint every N steps inside an epoch (0: only at epoch ends "
+                        "and on SIGINT/SIGTERM) (default: %(default)s)")
     return p
 
 
@@ -120,87 +127,136 @@ def load_dataset(args: argparse.Namespace, dataset: str, shot: int | None, **kwa
     return ADDataset(root, str(metadata_file(args, dataset, shot)), image_size=args.image_size, **kwargs)
 
 
-def make_loader(ds: ADDataset, batch_size: int, seed: int, num_workers: int, shuffle: bool = True) -> DataLoader:
-    """A loader whose order and augmentation are fixed by `seed` (the caller seeds torch too), so an epoch
-    resumed from a checkpoint replays exactly."""
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+class EpochSampler(Sampler):
+    """An epoch's shuffled order from `seed`, from sample `start` on, each index paired with its own
+    augmentation seed: an epoch replays identically whatever the worker count or resume point."""
+
+    def __init__(self, n: int, seed: int, start: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=g)
+        seeds = torch.randint(0, 2**62, (n,), generator=g)
+        self.items = list(zip(order[start:].tolist(), seeds[start:].tolist()))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
-def save_run_config(args: argparse.Namespace, variant: str) -> None:
-    """Writes `args.json`, or checks that an existing run in the save path has the same architecture."""
-    path = Path(args.save_path) / "args.json"
-    config = dict(vars(args), variant=variant)
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = [k for k in ARCH_KEYS if k in old and old[k] != config.get(k)]
-        if diff:
-            raise UserError(f"{args.save_path} holds a run with other settings ({', '.join(f'{k}={old[k]!r}' for k in diff)}); "
-                            "choose a new --save_path or the same flags")
-    path.write_text(json.dumps(config, indent=2))
+class SeededDataset(Dataset):
+    """Draws each item's augmentation from the seed its sampler gives."""
+
+    def __init__(self, ds: ADDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.ds[index]
 
 
-def train_text_adapter(model: AdaptedCLIP, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                       anchor_fn: AnchorFn, bank: PromptBank, args: argparse.Namespace, device: torch.device,
-                       desc: str) -> float:
-    """One Stage-1 epoch; returns the mean loss. Stage-1 features are computed without gradient; the
-    anchors (and so the text adapters) get the gradient."""
-    model.train()
-    total = 0.0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-    for batch in bar:
-        images = batch["image"].to(device, non_blocking=True)
-        masks = batch["mask"].to(device, non_blocking=True)
-        class_idx = bank.class_indices(batch["class_name"], device)
-        with autocast(device, args.precision):
-            with torch.no_grad():
-                feats, _ = model.stage1_features(images)
-            anchors = anchor_fn(images, class_idx, feats)
-            loss = stage1_loss(feats, anchors, masks, model.grid, args.stage1_all_levels, args.text_norm_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    return total / max(1, len(loader))
+def _ignore_sigint(_: int) -> None:
+    # Ctrl-C reaches the whole process group: workers leave it to the main process, which saves first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train_image_adapter(model: AdaptedCLIP, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                        scheduler: torch.optim.lr_scheduler.LRScheduler, anchor_fn: AnchorFn, bank: PromptBank,
-                        args: argparse.Namespace, device: torch.device, desc: str) -> float:
-    """One Stage-2 epoch (scheduler stepped per iteration); returns the mean loss."""
-    model.train()
-    total = 0.0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-    for batch in bar:
-        images = batch["image"].to(device, non_blocking=True)
-        masks = batch["mask"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        class_idx = bank.class_indices(batch["class_name"], device)
-        with autocast(device, args.precision):
-            with torch.no_grad():
-                anchors = anchor_fn(images, class_idx)
-            seg_tokens, det_token = model(images)
-            loss = stage2_loss(seg_tokens, det_token, anchors, masks, labels, model.grid)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total += loss.item()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    return total / max(1, len(loader))
+def make_loader(ds: ADDataset, batch_size: int, seed: int, num_workers: int, start_batch: int = 0) -> DataLoader:
+    """The training loader of one epoch, from batch `start_batch` on."""
+    # Its own generator: the loader would otherwise draw its workers' base seed from the global RNG,
+    # which dropout also uses, so a resumed epoch would drift from the uninterrupted one.
+    return DataLoader(SeededDataset(ds), batch_size=batch_size,
+                      sampler=EpochSampler(len(ds), seed, start_batch * batch_size), num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_sigint,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def text_adapter_step(model: AdaptedCLIP, batch: dict, optimizer: torch.optim.Optimizer, anchor_fn: AnchorFn,
+                      bank: PromptBank, args: argparse.Namespace, device: torch.device) -> torch.Tensor:
+    """One Stage-1 step. Stage-1 features are computed without gradient; the anchors (and so the text
+    side) get the gradient. Returns the detached loss."""
+    images = batch["image"].to(device, non_blocking=True)
+    masks = batch["mask"].to(device, non_blocking=True)
+    class_idx = bank.class_indices(batch["class_name"], device)
+    with autocast(device, args.precision):
+        with torch.no_grad():
+            feats, _ = model.stage1_features(images)
+        anchors = anchor_fn(images, class_idx, feats)
+        loss = stage1_loss(feats, anchors, masks, model.grid, args.stage1_all_levels, args.text_norm_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def image_adapter_step(model: AdaptedCLIP, batch: dict, optimizer: torch.optim.Optimizer,
+                       scheduler: torch.optim.lr_scheduler.LRScheduler, anchor_fn: AnchorFn, bank: PromptBank,
+                       args: argparse.Namespace, device: torch.device) -> torch.Tensor:
+    """One Stage-2 step (the scheduler steps per iteration). Returns the detached loss."""
+    images = batch["image"].to(device, non_blocking=True)
+    masks = batch["mask"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+    class_idx = bank.class_indices(batch["class_name"], device)
+    with autocast(device, args.precision):
+        with torch.no_grad():
+            anchors = anchor_fn(images, class_idx)
+        seg_tokens, det_token = model(images)
+        loss = stage2_loss(seg_tokens, det_token, anchors, masks, labels, model.grid)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the training loop saves a resumable checkpoint after the current step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, _frame) -> None:
+        self.signum = signum
+
+
+STOP = StopRequest()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def run_stage(
-    name: str, ckpt_path: Path, state: dict, epochs: int, train_epoch: Callable[[int], float], seed: int,
-    logger, keep_each_epoch: bool = False,
+    name: str, ckpt_path: Path, state: dict, epochs: int, ds: ADDataset, batch_size: int,
+    step_fn: Callable[[dict], torch.Tensor], args: argparse.Namespace, seed: int, logger: logging.Logger,
+    keep_each_epoch: bool = False,
 ) -> None:
-    """Epoch loop with resume. `state` maps checkpoint keys to objects with `state_dict` (modules,
-    optimizer, scheduler); the checkpoint is `{"epoch": completed epochs, **states}` and a run resumes
-    at that epoch. Each epoch reseeds torch from (seed, epoch), so a resumed run replays the same data
-    order and augmentations."""
-    start = 0
+    """The training loop of one stage, resumable at any step.
+
+    `state` maps checkpoint keys to objects with `state_dict` (modules, optimizer, scheduler). After each
+    epoch, on SIGINT/SIGTERM and every `--checkpoint_every` steps the checkpoint
+    `{"epoch": completed epochs, **states}` is written atomically; inside an epoch it also holds `step`
+    (batches done), `loss_sum` and the torch RNG state. Each epoch's data order and augmentations come
+    from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
+    """
+    start_epoch, start_step, loss_sum = 0, 0, 0.0
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         for key, obj in state.items():
@@ -208,31 +264,84 @@ def run_stage(
                 logger.info(f"{ckpt_path} has no {key} (written by the original code?): the lr schedule restarts")
                 continue
             load_module_state(obj, ckpt, key, ckpt_path)
-        start = int(ckpt["epoch"])
-        logger.info(f"{name}: loaded {ckpt_path} (after epoch {start})")
-    for epoch in range(start, epochs):
-        seed_everything(seed + epoch)
-        loss = train_epoch(epoch)
-        ckpt = {"epoch": epoch + 1, **{k: v.state_dict() for k, v in state.items()}}
+        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
+        loss_sum = float(ckpt.get("loss_sum", 0.0))
+        if start_step:
+            _set_rng_state(ckpt["rng"])
+        logger.info(f"{name}: loaded {ckpt_path} (epoch {start_epoch}, step {start_step})")
+
+    def save(epoch: int, step: int, total: float) -> dict:
+        ckpt = {"epoch": epoch, **{k: v.state_dict() for k, v in state.items()}}
+        if step:
+            ckpt.update(step=step, loss_sum=total, rng=_rng_state())
         atomic_save(ckpt, ckpt_path)
+        return ckpt
+
+    for epoch in range(start_epoch, epochs):
+        if start_step == 0:
+            seed_everything(seed + epoch)
+        loader = make_loader(ds, batch_size, seed + epoch, args.num_workers, start_step)
+        n_steps = start_step + len(loader)
+        bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{epochs}", initial=start_step, total=n_steps,
+                   leave=False, dynamic_ncols=True)
+        for step, batch in enumerate(bar, start=start_step + 1):
+            loss = float(step_fn(batch))
+            if not math.isfinite(loss):
+                raise UserError(f"{name}: loss is {loss} at epoch {epoch + 1} step {step}; stopped. The last good "
+                                f"checkpoint {ckpt_path} is kept. Try a lower learning rate or --precision fp32")
+            loss_sum += loss
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if STOP.signum is not None:
+                save(epoch, step, loss_sum)
+                logger.info(f"{name}: interrupted by signal {STOP.signum} at epoch {epoch + 1} step {step}; "
+                            f"saved {ckpt_path}. Run the same command to resume.")
+                sys.exit(128 + STOP.signum)
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < n_steps:
+                save(epoch, step, loss_sum)
+        ckpt = save(epoch + 1, 0, 0.0)
         if keep_each_epoch:
             atomic_save(ckpt, ckpt_path.with_name(f"{ckpt_path.stem}_{epoch + 1}.pth"))
-        logger.info(f"{name} epoch {epoch + 1}/{epochs}: loss {loss:.4f}")
+        logger.info(f"{name} epoch {epoch + 1}/{epochs}: loss {loss_sum / max(1, n_steps):.4f}")
+        start_step, loss_sum = 0, 0.0
 
 
-def setup_run(args: argparse.Namespace, variant: str) -> tuple[torch.device, Path, logging.Logger]:
-    """Device, precision, save folder, log file and the random-weights banner."""
+def check_save_path(args: argparse.Namespace, variant: str) -> None:
+    """Fails before anything is written when the save path cannot be written or holds another kind of run."""
+    path = Path(args.save_path)
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write to --save_path {path} ({existing} is {'not a folder' if not existing.is_dir() else 'read-only'}); "
+                        "choose another --save_path")
+    saved = path / "args.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        config = dict(vars(args), variant=variant)
+        diff = [k for k in ARCH_KEYS if k in old and old[k] != config.get(k)]
+        if diff:
+            raise UserError(f"{path} holds a run with other settings ({', '.join(f'{k}={old[k]!r}' for k in diff)}); "
+                            "choose a new --save_path or the same flags")
+
+
+def start_run(args: argparse.Namespace, variant: str, build: Callable[[argparse.Namespace], AdaptedCLIP]
+              ) -> tuple[torch.device, AdaptedCLIP, PromptBank, Path, logging.Logger]:
+    """Validates everything (device, save path, weights, dataset) before writing anything, then creates the
+    save folder with `args.json` and `train.log`, and installs the SIGINT/SIGTERM handler."""
     device = resolve_device(args.device)
     args.precision = resolve_precision(args, device)
+    check_save_path(args, variant)
+    seed_everything(args.seed)
+    model = build(args).to(device)
+    bank = make_bank(args, device)
     save_dir = ensure_writable_dir(args.save_path)
-    save_run_config(args, variant)
+    (save_dir / "args.json").write_text(json.dumps(dict(vars(args), variant=variant), indent=2))
     logger = setup_logger(save_dir, "train")
     if args.pretrained == "none":
         logger.info(RANDOM_WEIGHTS_BANNER)
     logger.info(f"{variant} training on {device} ({args.precision}): {vars(args)}")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    return device, save_dir, logger
+    STOP.install()
+    return device, model, bank, save_dir, logger
 
 
 def training_shot(args: argparse.Namespace) -> int | None:
@@ -245,58 +354,46 @@ def make_bank(args: argparse.Namespace, device: torch.device) -> PromptBank:
     return PromptBank(get_tokenizer(args.model), args.dataset, ds.class_names).to(device)
 
 
-def run_stage1(args: argparse.Namespace, model: AdaptedCLIP, bank: PromptBank, device: torch.device,
-               save_dir: Path, logger, modules: dict[str, nn.Module] | None = None,
-               ckpt_name: str = "text_adapter.pth", anchor_fn: AnchorFn | None = None) -> None:
-    """Stage 1: trains `modules` (default the text adapter) with one Adam optimizer."""
-    if args.text_epoch <= 0:
-        return
-    ds = load_dataset(args, args.dataset, training_shot(args), augment=True)
+def train_text_adapter(args: argparse.Namespace, model: AdaptedCLIP, bank: PromptBank, device: torch.device,
+                       save_dir: Path, logger: logging.Logger, modules: dict[str, nn.Module] | None = None,
+                       ckpt_name: str = "text_adapter.pth", anchor_fn: AnchorFn | None = None) -> None:
+    """Stage 1: trains `modules` (default the text adapter) with one Adam optimizer, then freezes them."""
     modules = modules or {"text_adapter": model.text_adapter}
-    anchor_fn = anchor_fn or class_anchor_fn(model, bank, adapt=True, grad=True)
-    params = [p for m in modules.values() for p in m.parameters()]
-    optimizer = torch.optim.Adam(params, lr=args.text_lr, betas=(0.5, 0.999))
-
-    def epoch_fn(epoch: int) -> float:
-        loader = make_loader(ds, args.text_batch_size, args.seed + epoch, args.num_workers)
-        return train_text_adapter(model, loader, optimizer, anchor_fn, bank, args, device,
-                                  f"stage 1 epoch {epoch + 1}/{args.text_epoch}")
-
-    run_stage("stage 1", save_dir / ckpt_name, {**modules, "text_optimizer": optimizer}, args.text_epoch,
-              epoch_fn, args.seed, logger)
+    if args.text_epoch > 0:
+        ds = load_dataset(args, args.dataset, training_shot(args), augment=True)
+        anchor_fn = anchor_fn or class_anchor_fn(model, bank, adapt=True, grad=True)
+        params = [p for m in modules.values() for p in m.parameters()]
+        optimizer = torch.optim.Adam(params, lr=args.text_lr, betas=(0.5, 0.999))
+        model.train()
+        run_stage("stage 1", save_dir / ckpt_name, {**modules, "text_optimizer": optimizer}, args.text_epoch, ds,
+                  args.text_batch_size, lambda b: text_adapter_step(model, b, optimizer, anchor_fn, bank, args, device),
+                  args, args.seed, logger)
     for m in modules.values():
         m.requires_grad_(False)
 
 
-def run_stage2(args: argparse.Namespace, model: AdaptedCLIP, bank: PromptBank, device: torch.device,
-               save_dir: Path, logger, anchor_fn: AnchorFn) -> None:
+def train_image_adapter(args: argparse.Namespace, model: AdaptedCLIP, bank: PromptBank, device: torch.device,
+                        save_dir: Path, logger: logging.Logger, anchor_fn: AnchorFn) -> None:
     """Stage 2: trains the image adapters; `anchor_fn` gives the frozen text side's anchors."""
     if args.image_epoch <= 0:
         return
     ds = load_dataset(args, args.dataset, training_shot(args), augment=True, color_jitter=True)
     optimizer = torch.optim.Adam(model.image_adapter.parameters(), lr=args.image_lr, betas=(0.5, 0.999))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[16000, 32000], gamma=0.5)
-
-    def epoch_fn(epoch: int) -> float:
-        loader = make_loader(ds, args.image_batch_size, args.seed + 10_000 + epoch, args.num_workers)
-        return train_image_adapter(model, loader, optimizer, scheduler, anchor_fn, bank, args, device,
-                                   f"stage 2 epoch {epoch + 1}/{args.image_epoch}")
-
     state = {"image_adapter": model.image_adapter, "image_optimizer": optimizer, "image_scheduler": scheduler}
-    run_stage("stage 2", save_dir / "image_adapter.pth", state, args.image_epoch, epoch_fn,
-              args.seed + 10_000, logger, keep_each_epoch=True)
+    model.train()
+    run_stage("stage 2", save_dir / "image_adapter.pth", state, args.image_epoch, ds, args.image_batch_size,
+              lambda b: image_adapter_step(model, b, optimizer, scheduler, anchor_fn, bank, args, device),
+              args, args.seed + 10_000, logger, keep_each_epoch=True)
 
 
 @cli_main
 def main() -> None:
     args = get_parser().parse_args()
-    device, save_dir, logger = setup_run(args, "baseline")
-    seed_everything(args.seed)
-    model = build_model(args).to(device)
-    bank = make_bank(args, device)
-    run_stage1(args, model, bank, device, save_dir, logger)
-    run_stage2(args, model, bank, device, save_dir, logger,
-               class_anchor_fn(model, bank, adapt=args.text_epoch > 0))
+    device, model, bank, save_dir, logger = start_run(args, "baseline", build_model)
+    train_text_adapter(args, model, bank, device, save_dir, logger)
+    train_image_adapter(args, model, bank, device, save_dir, logger,
+                        class_anchor_fn(model, bank, adapt=args.text_epoch > 0))
     logger.info(f"done: checkpoints in {save_dir}")
 
 

@@ -9,6 +9,7 @@ baseline does, with per-image anchors from the frozen Stage-1 model. Same flags 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -17,9 +18,9 @@ from forward_utils import stage1_loss
 from forward_utils_cross_attention import (CROSS_ATTN_CKPT, build_cross_attention_model,
                                            cross_attention_anchor_fn, get_vision_aware_text_embedding)
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention
-from train import (get_parser as get_base_parser, load_dataset, make_bank, make_loader, run_stage1,
-                   run_stage2, setup_run, training_shot)
-from utils import UserError, autocast, cli_main, load_checkpoint, load_module_state, seed_everything
+from train import (get_parser as get_base_parser, load_dataset, start_run, train_image_adapter, train_text_adapter,
+                   training_shot)
+from utils import UserError, autocast, cli_main, load_checkpoint, load_module_state
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -88,28 +89,30 @@ def sanity_check(model: AdaptedCLIPWithCrossAttention, bank, args: argparse.Name
     return report
 
 
+def build_with_init(args: argparse.Namespace) -> AdaptedCLIPWithCrossAttention:
+    """The model, its text adapter taken from `--init_text_adapter` when a new run starts."""
+    model = build_cross_attention_model(args)
+    if args.init_text_adapter and not (Path(args.save_path) / CROSS_ATTN_CKPT).exists():
+        load_module_state(model.text_adapter, load_checkpoint(args.init_text_adapter), "text_adapter",
+                          args.init_text_adapter)
+    return model
+
+
 @cli_main
 def main() -> None:
     args = get_parser().parse_args()
     if args.text_epoch <= 0:
         raise UserError("--text_epoch 0 leaves the cross-attention untrained; use train.py for a run without "
                         "a text stage")
-    device, save_dir, logger = setup_run(args, "cross_attention")
-    seed_everything(args.seed)
-    model = build_cross_attention_model(args).to(device)
-    bank = make_bank(args, device)
-    if args.init_text_adapter and not (save_dir / CROSS_ATTN_CKPT).exists():
-        load_module_state(model.text_adapter, load_checkpoint(args.init_text_adapter), "text_adapter",
-                          args.init_text_adapter)
-        logger.info(f"text adapter initialised from {args.init_text_adapter}")
+    device, model, bank, save_dir, logger = start_run(args, "cross_attention", build_with_init)
     if args.sanity_check:
         for line in sanity_check(model, bank, args, device):
             logger.info(f"sanity check {line}")
     modules = {"text_adapter": model.text_adapter, "text_cross_attn": model.text_cross_attn}
-    run_stage1(args, model, bank, device, save_dir, logger, modules=modules, ckpt_name=CROSS_ATTN_CKPT,
-               anchor_fn=cross_attention_anchor_fn(model, bank, "image"))
-    run_stage2(args, model, bank, device, save_dir, logger,
-               cross_attention_anchor_fn(model, bank, args.text_context))
+    train_text_adapter(args, model, bank, device, save_dir, logger, modules=modules, ckpt_name=CROSS_ATTN_CKPT,
+                       anchor_fn=cross_attention_anchor_fn(model, bank, "image"))
+    train_image_adapter(args, model, bank, device, save_dir, logger,
+                        cross_attention_anchor_fn(model, bank, args.text_context))
     logger.info(f"done: checkpoints in {save_dir}")
 
 

@@ -59,8 +59,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def ensure_writable_dir(path: str | Path) -> Path:
-    """Creates `path` and checks that files can be written there."""
+def ensure_writable_dir(path: str | Path, flag: str = "--save_path") -> Path:
+    """Creates `path` and checks that files can be written there; `flag` names the option in the message."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def ensure_writable_dir(path: str | Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to output folder {path} ({e.strerror}); choose another --save_path") from None
+        raise UserError(f"cannot write to output folder {path} ({e.strerror}); choose another {flag}") from None
     return path
 
 

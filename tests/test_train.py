@@ -1,6 +1,10 @@
 """train.py / train_cross_attention.py / test.py end to end on tiny synthetic data (in-process)."""
 import json
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +104,63 @@ def test_epoch_checkpoints_in_numeric_order(tmp_path):
     for k in (10, 2, 1):
         (tmp_path / f"image_adapter_{k}.pth").write_bytes(b"")
     assert list(test_script.epoch_checkpoints(tmp_path)) == [1, 2, 10]
+
+
+def test_signal_mid_epoch_saves_and_resumes_exactly(data, tmp_path, monkeypatch):
+    """A stop request after the 3rd Stage-1 step saves a mid-epoch checkpoint and exits 130; the rerun
+    ends with the weights of an uninterrupted run."""
+    argv = common(data) + ["--training_mode", "full_shot", "--text_epoch", "2", "--image_epoch", "1"]
+    run(train_cross_attention, argv + ["--save_path", str(tmp_path / "full")], monkeypatch)
+
+    real_step, calls = train.text_adapter_step, []
+
+    def step_then_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            train.STOP.signum = signal.SIGINT
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "text_adapter_step", step_then_signal)
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_cross_attention, argv + ["--save_path", str(tmp_path / "cut")], monkeypatch)
+    assert exit_info.value.code == 128 + signal.SIGINT
+    ckpt = torch.load(tmp_path / "cut" / "text_adapter_cross_attn.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 3)
+    assert not (tmp_path / "cut" / "image_adapter.pth").exists()
+    train.STOP.signum = None
+    monkeypatch.setattr(train, "text_adapter_step", real_step)
+    run(train_cross_attention, argv + ["--save_path", str(tmp_path / "cut")], monkeypatch)
+    for name in ("text_adapter_cross_attn.pth", "image_adapter.pth"):
+        assert_same_state(state(tmp_path / "full" / name), state(tmp_path / "cut" / name))
+
+
+def start_training(argv, cwd):
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() - t0 < timeout
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_real_interrupt_then_resume_equals_uninterrupted(data, tmp_path, monkeypatch, how):
+    """A real `train.py` process stopped by SIGTERM (graceful save) or kill -9 (resume from the last
+    checkpoint, written every step here), then rerun, ends bit for bit where an uninterrupted run ends."""
+    argv = common(data) + ["--training_mode", "full_shot", "--text_epoch", "2", "--image_epoch", "2",
+                           "--checkpoint_every", "1"]
+    repo = Path(train.__file__).parent
+    proc = start_training(argv + ["--save_path", str(tmp_path / "cut")], repo)
+    wait_for(tmp_path / "cut" / "text_adapter.pth", proc)
+    proc.send_signal(getattr(signal, how))
+    proc.wait(timeout=120)
+    assert proc.returncode in ((128 + signal.SIGTERM, 0) if how == "SIGTERM" else (-signal.SIGKILL, 0))
+    run(train, argv + ["--save_path", str(tmp_path / "full")], monkeypatch)
+    resumed = start_training(argv + ["--save_path", str(tmp_path / "cut")], repo)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    for name in ("text_adapter.pth", "image_adapter.pth"):
+        assert_same_state(state(tmp_path / "full" / name), state(tmp_path / "cut" / name))
