@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     """The whole analysis; returns per class and column the per-image ratios."""
     device = resolve_device(args.device)
     args.precision = resolve_precision(args, device)
-    out = ensure_writable_dir(args.out or Path(args.save_path) / "attention")
+    out = ensure_writable_dir(args.out or Path(args.save_path) / "attention", "--out")
     banner = RANDOM_WEIGHTS_BANNER if args.pretrained == "none" else ""
     if banner:
         print(banner)

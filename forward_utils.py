@@ -93,8 +93,10 @@ def class_anchor_fn(model: AdaptedCLIP, bank: PromptBank, adapt: bool = True, gr
 
 
 def similarity_logits(patch_feats: torch.Tensor, anchors: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """`100 * P @ T` as maps. patch_feats: [B, N, D], anchors: [B, D, 2] or [D, 2] -> [B, 2, H, W]."""
-    s = 100 * patch_feats @ anchors
+    """`100 * P @ T` as maps, in float32 even under bf16 autocast (bf16 would round logits of size ~100
+    by up to 0.5). patch_feats: [B, N, D], anchors: [B, D, 2] or [D, 2] -> [B, 2, H, W]."""
+    with torch.autocast(patch_feats.device.type, enabled=False):
+        s = 100 * patch_feats.float() @ anchors.float()
     return s.transpose(1, 2).reshape(s.shape[0], 2, *grid)
 
 
@@ -103,7 +105,7 @@ def calculate_similarity_map(
 ) -> torch.Tensor:
     """Training maps: logits upsampled bilinearly (align_corners=True) to the image size, softmax over
     normal/abnormal. -> [B, 2, S, S] probabilities."""
-    logits = similarity_logits(patch_feats, anchors, grid).float()
+    logits = similarity_logits(patch_feats, anchors, grid)
     logits = F.interpolate(logits, size=(image_size, image_size), mode="bilinear", align_corners=True)
     return logits.softmax(dim=1)
 
@@ -116,7 +118,7 @@ def anomaly_map(
     kernel, sigma = BLUR[domain]
     total = 0
     for feats in seg_tokens:
-        s = similarity_logits(feats, anchors, grid).float()
+        s = similarity_logits(feats, anchors, grid)
         m = (s[:, 1:2] + 1 - s[:, 0:1]) / 2
         m = gaussian_blur(m, [kernel, kernel], [sigma, sigma])
         total = total + F.interpolate(m, size=(image_size, image_size), mode="bilinear", align_corners=True)
@@ -124,8 +126,9 @@ def anomaly_map(
 
 
 def image_logits(det_token: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """`det_token @ T` per sample. det_token: [B, D], anchors: [B, D, 2] -> [B, 2]."""
-    return torch.einsum("bd,bdk->bk", det_token.float(), anchors.float())
+    """`det_token @ T` per sample, in float32. det_token: [B, D], anchors: [B, D, 2] -> [B, 2]."""
+    with torch.autocast(det_token.device.type, enabled=False):
+        return torch.einsum("bd,bdk->bk", det_token.float(), anchors.float())
 
 
 def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:

@@ -12,6 +12,7 @@ import csv
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +230,9 @@ def main() -> None:
             raise UserError(f"no checkpoint for epoch {epoch} in {save_dir}; saved epochs: {list(checkpoints)}")
         chosen = [(epoch, checkpoints[epoch])]
 
+    t_start = time.perf_counter()
     model, text_trained = load_model(args, device)
+    t_model = time.perf_counter() - t_start
     model.eval()
     ds = load_dataset(args, args.dataset, None)
     domain = get_dataset_info(args.dataset)["domain"]
@@ -240,9 +243,13 @@ def main() -> None:
     suffix = f"_{args.text_context}" if args.variant == "cross_attention" else ""
     for epoch, path in chosen:
         load_image_adapter(model, path)
+        t0 = time.perf_counter()
         maps, scores, masks = predict(model, loader, anchor_fn, bank, domain, device, args.precision,
                                       f"{args.dataset} epoch {epoch}")
+        t1 = time.perf_counter()
         results = evaluate_classes(ds, maps, scores, masks if ds.has_masks else None, domain)
+        logger.info(f"{len(ds)} images: model built in {t_model:.1f} s, images read and scored in {t1 - t0:.1f} s, "
+                    f"metrics in {time.perf_counter() - t1:.1f} s")
         title = (f"{args.dataset} | {args.variant}{suffix} | {path.name} | {args.model} pretrained={args.pretrained}"
                  + (f"\n{banner}" if banner else ""))
         logger.info("\n" + format_table(results, title))

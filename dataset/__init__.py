@@ -2,13 +2,13 @@
 from .common import PROMPTS, DatasetError, get_dataset_info, get_real_name, load_constants
 
 __all__ = ["ADDataset", "DatasetError", "PROMPTS", "get_dataset_info", "get_real_name", "load_constants",
-           "read_metadata", "denormalize"]
+           "read_metadata", "denormalize", "load_image"]
 
 
 def __getattr__(name: str):
     # The loader imports torch (seconds); loading it lazily keeps the metadata and synthetic-data
     # command-line tools fast and torch-free.
-    if name in ("ADDataset", "read_metadata", "denormalize"):
+    if name in ("ADDataset", "read_metadata", "denormalize", "load_image"):
         from . import loader
         return getattr(loader, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Dataset constants (domains, default roots, class real names, prompts) and the package's error type."""
+"""Dataset constants (domains, default roots, class real names, prompts), the metadata line format and
+the package's error type (all torch-free, for the command-line tools)."""
 import copy
 import json
 from pathlib import Path
@@ -8,6 +9,9 @@ CONSTANTS_PATH = Path(__file__).with_name("constants.json")
 
 class DatasetError(Exception):
     """Bad dataset input: the message names the file (and line) at fault and says how to fix it."""
+
+
+REQUIRED_KEYS = ("image_path", "label", "class_name")
 
 
 def load_constants() -> dict:
@@ -51,3 +55,29 @@ def get_real_name(dataset: str, class_name: str) -> str:
     if info is not None and class_name in info["classes"]:
         return info["classes"][class_name]
     return class_name.replace("_", " ")
+
+
+def parse_record(line: str, where: str) -> dict:
+    """One metadata line -> {image_path, mask_path, label, class_name}; a bad line raises DatasetError
+    naming `where` (file:line)."""
+    fix = "each line must be one JSON object with image_path, label (0/1), class_name and optional mask_path"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where}: invalid JSON ({e.msg}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}; {fix}")
+    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    if missing:
+        raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}; {fix}")
+    label, mask_path = obj["label"], obj.get("mask_path") or ""
+    # bool is an int subclass; `true` in a metadata file is a mistake, not a label.
+    if type(label) is not int or label not in (0, 1):
+        raise DatasetError(f"{where}: label must be 0 (normal) or 1 (anomalous), got {label!r}")
+    for key in ("image_path", "class_name"):
+        if not isinstance(obj[key], str) or not obj[key]:
+            raise DatasetError(f"{where}: {key} must be a non-empty string, got {obj[key]!r}")
+    if not isinstance(mask_path, str):
+        raise DatasetError(f"{where}: mask_path must be a string, \"\" or null, got {mask_path!r}")
+    return {"image_path": obj["image_path"], "mask_path": mask_path, "label": label,
+            "class_name": obj["class_name"]}

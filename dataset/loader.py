@@ -1,5 +1,4 @@
 """ADDataset: reads a .jsonl metadata list, loads images and masks, optional training augmentation."""
-import json
 import os
 from collections.abc import Callable
 
@@ -10,11 +9,10 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 
-from .common import DatasetError, get_dataset_info
+from .common import DatasetError, get_dataset_info, parse_record
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-REQUIRED_KEYS = ("image_path", "label", "class_name")
 _HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _SINGLE_CHANNEL_MODES = _HIGH_BIT_MODES | {"1", "L"}
 _MAKE_HINT = "build it with `python -m dataset.make_metadata --dataset NAME --root DIR`"
@@ -30,32 +28,8 @@ def read_metadata(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if line.strip():
-                records.append(_parse_record(line, f"{path}:{n}"))
+                records.append(parse_record(line, f"{path}:{n}"))
     return records
-
-
-def _parse_record(line: str, where: str) -> dict:
-    fix = "each line must be one JSON object with image_path, label (0/1), class_name and optional mask_path"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{where}: invalid JSON ({e.msg}); {fix}") from None
-    if not isinstance(obj, dict):
-        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}; {fix}")
-    missing = [k for k in REQUIRED_KEYS if k not in obj]
-    if missing:
-        raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}; {fix}")
-    label, mask_path = obj["label"], obj.get("mask_path") or ""
-    # bool is an int subclass; `true` in a metadata file is a mistake, not a label.
-    if type(label) is not int or label not in (0, 1):
-        raise DatasetError(f"{where}: label must be 0 (normal) or 1 (anomalous), got {label!r}")
-    for key in ("image_path", "class_name"):
-        if not isinstance(obj[key], str) or not obj[key]:
-            raise DatasetError(f"{where}: {key} must be a non-empty string, got {obj[key]!r}")
-    if not isinstance(mask_path, str):
-        raise DatasetError(f"{where}: mask_path must be a string, \"\" or null, got {mask_path!r}")
-    return {"image_path": obj["image_path"], "mask_path": mask_path, "label": label,
-            "class_name": obj["class_name"]}
 
 
 def _decode(path: str, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
@@ -90,6 +64,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
     # Alpha is dropped, not composited: AD images use it as an unused channel, if at all.
     return img.convert("RGB")
+
+
+def read_image(path: str, image_size: int) -> torch.Tensor:
+    """Any file PIL reads (any size, grayscale, RGBA, 16-bit, ...) -> float [3, S, S] in [0, 1]: RGB as
+    `to_rgb` makes it, resized bicubic to S x S."""
+    size = (image_size, image_size)
+    arr = _decode(path, lambda img: np.asarray(to_rgb(img).resize(size, Image.BICUBIC)))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255.0)
+
+
+def load_image(path: str, image_size: int) -> torch.Tensor:
+    """The model input of an image file, as ADDataset gives it without augmentation: float [3, S, S],
+    CLIP-normalised."""
+    return v2.functional.normalize(read_image(path, image_size), CLIP_MEAN, CLIP_STD)
 
 
 def _mask_to_binary(img: Image.Image) -> np.ndarray:
@@ -181,10 +169,7 @@ class ADDataset(Dataset):
         return len(self.samples)
 
     def _load_image(self, rel: str) -> tv_tensors.Image:
-        """Returns float [3, S, S] in [0, 1], resized bicubic."""
-        size = (self.image_size, self.image_size)
-        arr = _decode(self._path(rel), lambda img: np.asarray(to_rgb(img).resize(size, Image.BICUBIC)))
-        return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255.0))
+        return tv_tensors.Image(read_image(self._path(rel), self.image_size))
 
     def _load_mask(self, sample: dict) -> tv_tensors.Mask:
         """Returns uint8 [1, S, S] in {0, 1}; all-zero for normal samples and samples without a mask."""

@@ -1,0 +1,232 @@
+"""Check a dataset's metadata lists and files, reporting every problem at once (not only the first).
+
+    python -m dataset.check --dataset MVTec [--data_root ./data/mvtec_ad] [--metadata_dir dataset/metadata]
+                            [--shot 32] [--classes bottle cable] [--decode]
+
+Checks <metadata_dir>/<dataset>/full-shot.jsonl and the k-shot lists: every line is a valid record, every
+image and mask exists and opens, each mask has its image's size, anomalous samples have a mask when the
+dataset has masks, and no k-shot list holds more samples of a class than the full list. Sizes come from
+the file headers (fast); --decode decodes every file fully, which also finds truncated files. Prints a
+report grouped by kind of problem, each group with its fix; exit code 2 when something is wrong, else 0.
+
+`check_dataset` (one list) is the same check for the training and test scripts to run at start.
+"""
+import argparse
+import re
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image
+from tqdm import tqdm
+
+from .common import DatasetError, get_dataset_info, parse_record
+
+SHOT_LIST = re.compile(r"(\d+)-shot\.jsonl")
+MAKE_HINT = "`python -m dataset.make_metadata --dataset NAME --root DIR`"
+# Report groups, in report order, each with the fix of its problems.
+FIXES = {
+    "metadata": "a list line is one JSON object with image_path, label (0 or 1), class_name and an optional "
+                f"mask_path: fix or delete bad lines, or (re)build the lists with {MAKE_HINT} [--shots K]",
+    "missing file": f"check --data_root (list paths are relative to it) and restore the file, or rebuild with {MAKE_HINT}",
+    "unreadable file": "the file is corrupted or truncated (an interrupted copy or extraction?): copy it again, "
+                       "or delete its line",
+    "mask size": "a mask must have its image's width and height: regenerate the mask or fix the pair in the list",
+    "missing mask": "this dataset has pixel masks, so every anomalous sample needs one: add its mask_path, or "
+                    f"rebuild with {MAKE_HINT}",
+    "class": f"pass classes the list has, or rebuild with {MAKE_HINT} on a folder that has them",
+    "k-shot": f"k-shot lists are drawn from the full list: rebuild both with {MAKE_HINT} --shots K",
+}
+FILE_KINDS = ("missing file", "unreadable file", "mask size", "missing mask")
+# What PIL raises for a file that is not (or no longer) an image it can read.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class Problem(NamedTuple):
+    kind: str  # a key of FIXES
+    where: str  # the file, or list:line, at fault
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.detail}"
+
+
+def read_size(path: str | Path, decode: bool = False) -> tuple[int, int]:
+    """(width, height) of an image file from its header, or after decoding it fully with `decode`.
+    Raises FileNotFoundError, or DatasetError when PIL cannot read the file."""
+    try:
+        with Image.open(path) as img:
+            if decode:
+                img.load()
+            return img.size
+    except FileNotFoundError:
+        raise
+    except UNREADABLE as e:
+        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+
+
+def _read_list(path: Path) -> tuple[list[tuple[str, dict]], list[Problem]]:
+    """The valid records of a .jsonl list, each with its `list:line`, and a problem per bad line."""
+    try:
+        # split("\n") numbers lines as read_metadata does (splitlines would also split on \r, \f, ...).
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except FileNotFoundError:
+        return [], [Problem("metadata", str(path), "metadata file not found")]
+    except (OSError, UnicodeDecodeError) as e:
+        return [], [Problem("metadata", str(path), f"cannot read the list ({e})")]
+    rows, problems = [], []
+    for n, line in enumerate(lines, start=1):
+        if line.strip():
+            where = f"{path}:{n}"
+            try:
+                rows.append((where, parse_record(line, where)))
+            except DatasetError as e:
+                problems.append(Problem("metadata", where, str(e).removeprefix(f"{where}: ")))
+    if not rows and not problems:
+        problems.append(Problem("metadata", str(path), "the list has no samples"))
+    return rows, problems
+
+
+def _size(path: Path, where: str, decode: bool, problems: list[Problem]) -> tuple[int, int] | None:
+    """The file's size; None, with a problem added, when it is missing or unreadable."""
+    try:
+        return read_size(path, decode)
+    except FileNotFoundError:
+        problems.append(Problem("missing file", where, f"{path} not found"))
+    except DatasetError as e:
+        problems.append(Problem("unreadable file", where, str(e)))
+    return None
+
+
+def _file_problems(root: Path, rows: list[tuple[str, dict]], decode: bool) -> list[Problem]:
+    has_masks = any(r["mask_path"] for _, r in rows)
+    problems: list[Problem] = []
+    for where, r in tqdm(rows, desc="checking files", leave=False, disable=None):
+        image = _size(root / r["image_path"], where, decode, problems)
+        if r["mask_path"]:
+            mask = _size(root / r["mask_path"], where, decode, problems)
+            if image and mask and image != mask:
+                problems.append(Problem("mask size", where, f"mask {r['mask_path']} is {mask[0]}x{mask[1]} but "
+                                                            f"image {r['image_path']} is {image[0]}x{image[1]}"))
+        elif r["label"] == 1 and has_masks:
+            problems.append(Problem("missing mask", where, f"anomalous sample {r['image_path']} has no mask_path, "
+                                                           "but other samples of the list have masks"))
+    return problems
+
+
+def _shot_problems(path: Path, rows: list[tuple[str, dict]]) -> list[Problem]:
+    """Classes of a k-shot list with more samples than the full list next to it has."""
+    full_path = path.with_name("full-shot.jsonl")
+    if not full_path.is_file():
+        return []  # nothing to compare with; check_all reports the missing full list
+    full = Counter(r["class_name"] for _, r in _read_list(full_path)[0])
+    shot = Counter(r["class_name"] for _, r in rows)
+    return [Problem("k-shot", str(path), f"class {c!r} has {n} samples, but {full_path.name} has "
+                                         f"{f'only {full[c]}' if full[c] else 'none'}")
+            for c, n in sorted(shot.items()) if n > full[c]]
+
+
+def find_problems(root: str | Path, metadata_path: str | Path, class_names: Sequence[str] = (),
+                  decode: bool = False) -> list[Problem]:
+    """Every problem of one metadata list and its files (see the module docstring); each of
+    `class_names` must have samples in the list."""
+    root, path = Path(root), Path(metadata_path)
+    rows, problems = _read_list(path)
+    if not root.is_dir():
+        problems.append(Problem("missing file", str(root), "dataset root not found; pass the folder the list's "
+                                                           "paths are relative to with --data_root"))
+    elif rows:
+        problems += _file_problems(root, rows, decode)
+    if rows:
+        present = {r["class_name"] for _, r in rows}
+        problems += [Problem("class", str(path), f"class {c!r} has no samples; the list has {sorted(present)}")
+                     for c in class_names if c not in present]
+    if SHOT_LIST.fullmatch(path.name):
+        problems += _shot_problems(path, rows)
+    return problems
+
+
+def check_dataset(root: str | Path, metadata_path: str | Path, class_names: Sequence[str] = (),
+                  decode: bool = False) -> list[str]:
+    """The problems of one metadata list and its files, as `list:line: what is wrong` lines; [] if none."""
+    return [str(p) for p in find_problems(root, metadata_path, class_names, decode)]
+
+
+def format_report(problems: Sequence[Problem], limit: int | None = None) -> str:
+    """The problems grouped by kind, each group headed by its count and fix; `limit` lines per group."""
+    lines = []
+    for kind, fix in FIXES.items():
+        group = [p for p in problems if p.kind == kind]
+        if group:
+            lines.append(f"{kind} ({len(group)}): {fix}")
+            lines += [f"  {p}" for p in group[:limit]]
+            if limit is not None and len(group) > limit:
+                lines.append(f"  ... and {len(group) - limit} more")
+    return "\n".join(lines)
+
+
+def validate_dataset(root: str | Path, metadata_path: str | Path, class_names: Sequence[str] = (),
+                     decode: bool = False) -> None:
+    """`find_problems`, raising one DatasetError that summarises them (5 per kind)."""
+    problems = find_problems(root, metadata_path, class_names, decode)
+    if problems:
+        path = Path(metadata_path)
+        raise DatasetError(
+            f"{len(problems)} problem(s) with {path} (data root {root}):\n{format_report(problems, limit=5)}\n"
+            f"full report: python -m dataset.check --dataset {path.parent.name} --data_root {root} "
+            f"--metadata_dir {path.parent.parent}")
+
+
+def check_all(root: str | Path, metadata_dir: str | Path, dataset: str, shot: int | None = None,
+              class_names: Sequence[str] = (), decode: bool = False) -> tuple[list[Path], list[Problem]]:
+    """The lists of a dataset (full-shot.jsonl, and `<shot>-shot.jsonl` or else every k-shot list there)
+    and all their problems, each reported once."""
+    folder = Path(metadata_dir) / dataset
+    if shot is not None:
+        shots = [folder / f"{shot}-shot.jsonl"]
+    else:
+        found = [(int(m.group(1)), p) for p in folder.glob("*-shot.jsonl") if (m := SHOT_LIST.fullmatch(p.name))]
+        shots = [p for _, p in sorted(found)]
+    lists = [folder / "full-shot.jsonl", *shots]
+    problems, seen = [], set()
+    for p in (p for path in lists for p in find_problems(root, path, class_names, decode)):
+        # A file (or the root) shared by several lists is reported once, at its first line.
+        key = p.detail if p.kind in FILE_KINDS else p
+        if key not in seen:
+            seen.add(key)
+            problems.append(p)
+    return lists, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="name of the metadata folder, e.g. MVTec, VisA")
+    parser.add_argument("--data_root", default=None,
+                        help="folder the list paths are relative to (default: the dataset's default root)")
+    parser.add_argument("--metadata_dir", default="dataset/metadata",
+                        help="folder holding <dataset>/full-shot.jsonl and <k>-shot.jsonl (default: %(default)s)")
+    parser.add_argument("--shot", type=int, default=None,
+                        help="check <shot>-shot.jsonl, which must exist (default: every k-shot list found)")
+    parser.add_argument("--classes", nargs="+", default=(),
+                        help="classes that must have samples in every checked list (default: no requirement)")
+    parser.add_argument("--decode", action="store_true",
+                        help="decode every image and mask fully (slow; finds truncated files) instead of "
+                             "reading headers only")
+    args = parser.parse_args(argv)
+    root = args.data_root or get_dataset_info(args.dataset)["default_root"]
+    lists, problems = check_all(root, args.metadata_dir, args.dataset, args.shot, args.classes, args.decode)
+    names = ", ".join(p.name for p in lists)
+    if problems:
+        print(f"dataset {args.dataset} (root {root}; lists {names} in {lists[0].parent}):")
+        print(format_report(problems))
+        print(f"error: {len(problems)} problem(s) in dataset {args.dataset}; see the report above",
+              file=sys.stderr)
+        return 2
+    print(f"dataset {args.dataset} (root {root}): {names} {'decoded' if args.decode else 'checked'}, no problems")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
