@@ -84,8 +84,10 @@ def class_anchor_fn(model: AdaptedCLIP, bank: PromptBank, adapt: bool = True, gr
             unique, inverse = class_idx.unique(return_inverse=True)
             return get_adapted_text_embedding(model, bank, adapt, unique)[inverse]
         return anchors
-    with torch.no_grad():
-        table = get_adapted_text_embedding(model, bank, adapt)
+    # A bf16 backbone runs only under autocast; the table is built outside the training/test loops.
+    bf16 = model.backbone_dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast(bank.tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+        table = get_adapted_text_embedding(model, bank, adapt).float()
 
     def lookup(images, class_idx, stage1_feats=None):
         return table[class_idx]

@@ -121,7 +121,7 @@ def predict(model: AdaptedCLIP, loader: DataLoader, anchor_fn: AnchorFn, bank: P
     maps, scores, masks = [], [], []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         images = batch["image"].to(device, non_blocking=True)
-        class_idx = bank.class_indices(batch["class_name"], device)
+        class_idx = batch["class_idx"].to(device, non_blocking=True)  # rows of `bank`, built from ds.class_names
         with autocast(device, precision):
             anchors = anchor_fn(images, class_idx)
             seg_tokens, det_token = model(images)

@@ -62,6 +62,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default: %(default)s)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16 autocast (fp32 weights and losses) or fp32; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (fused kernels; pays off on long GPU runs)")
     g.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
 
 
@@ -109,12 +111,17 @@ def resolve_precision(args: argparse.Namespace, device: torch.device) -> str:
 def build_model(args: argparse.Namespace, model_cls: type[AdaptedCLIP] = AdaptedCLIP, **kwargs) -> AdaptedCLIP:
     """The frozen CLIP with fresh adapters, as the flags say."""
     clip = build_clip(args.model, args.pretrained, args.image_size, args.quick_gelu)
-    return model_cls(
+    model = model_cls(
         clip, text_adapt_weight=args.text_adapt_weight, image_adapt_weight=args.image_adapt_weight,
         levels=args.levels, relu=args.relu, text_adapt_until=args.text_adapt_until,
         image_adapt_until=args.image_adapt_until, surgery_until_layer=args.surgery_until_layer,
         surgery_batch_mixing=args.surgery_batch_mixing, **kwargs,
     )
+    if getattr(args, "precision", "fp32") == "bf16":
+        model.set_backbone_dtype(torch.bfloat16)
+    if getattr(args, "compile", False):
+        model.compile_blocks()
+    return model
 
 
 def metadata_file(args: argparse.Namespace, dataset: str, shot: int | None) -> Path:
@@ -181,7 +188,7 @@ def text_adapter_step(model: AdaptedCLIP, batch: dict, optimizer: torch.optim.Op
     side) get the gradient. Returns the detached loss."""
     images = batch["image"].to(device, non_blocking=True)
     masks = batch["mask"].to(device, non_blocking=True)
-    class_idx = bank.class_indices(batch["class_name"], device)
+    class_idx = batch["class_idx"].to(device, non_blocking=True)
     with autocast(device, args.precision):
         with torch.no_grad():
             feats, _ = model.stage1_features(images)
@@ -200,7 +207,7 @@ def image_adapter_step(model: AdaptedCLIP, batch: dict, optimizer: torch.optim.O
     images = batch["image"].to(device, non_blocking=True)
     masks = batch["mask"].to(device, non_blocking=True)
     labels = batch["label"].to(device, non_blocking=True)
-    class_idx = bank.class_indices(batch["class_name"], device)
+    class_idx = batch["class_idx"].to(device, non_blocking=True)
     with autocast(device, args.precision):
         with torch.no_grad():
             anchors = anchor_fn(images, class_idx)
@@ -270,6 +277,14 @@ def run_stage(
             _set_rng_state(ckpt["rng"])
         logger.info(f"{name}: loaded {ckpt_path} (epoch {start_epoch}, step {start_step})")
 
+    def read_loss(step: int, loss_t: torch.Tensor, epoch: int, bar: tqdm) -> float:
+        loss = float(loss_t)
+        if not math.isfinite(loss):
+            raise UserError(f"{name}: loss is {loss} at epoch {epoch + 1} step {step}; stopped. The last good "
+                            f"checkpoint {ckpt_path} is kept. Try a lower learning rate or --precision fp32")
+        bar.set_postfix(loss=f"{loss:.4f}")
+        return loss
+
     def save(epoch: int, step: int, total: float) -> dict:
         ckpt = {"epoch": epoch, **{k: v.state_dict() for k, v in state.items()}}
         if step:
@@ -284,20 +299,24 @@ def run_stage(
         n_steps = start_step + len(loader)
         bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{epochs}", initial=start_step, total=n_steps,
                    leave=False, dynamic_ncols=True)
+        pending: tuple[int, torch.Tensor] | None = None
         for step, batch in enumerate(bar, start=start_step + 1):
-            loss = float(step_fn(batch))
-            if not math.isfinite(loss):
-                raise UserError(f"{name}: loss is {loss} at epoch {epoch + 1} step {step}; stopped. The last good "
-                                f"checkpoint {ckpt_path} is kept. Try a lower learning rate or --precision fp32")
-            loss_sum += loss
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if STOP.signum is not None:
+            loss_t = step_fn(batch)
+            # Reading a loss waits for the GPU; reading the previous step's lets this step queue first.
+            if pending is not None:
+                loss_sum += read_loss(*pending, epoch, bar)
+            pending = (step, loss_t)
+            stop = STOP.signum is not None
+            if stop or (args.checkpoint_every and step % args.checkpoint_every == 0 and step < n_steps):
+                loss_sum += read_loss(*pending, epoch, bar)
+                pending = None
                 save(epoch, step, loss_sum)
+            if stop:
                 logger.info(f"{name}: interrupted by signal {STOP.signum} at epoch {epoch + 1} step {step}; "
                             f"saved {ckpt_path}. Run the same command to resume.")
                 sys.exit(128 + STOP.signum)
-            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < n_steps:
-                save(epoch, step, loss_sum)
+        if pending is not None:
+            loss_sum += read_loss(*pending, epoch, bar)
         ckpt = save(epoch + 1, 0, 0.0)
         if keep_each_epoch:
             atomic_save(ckpt, ckpt_path.with_name(f"{ckpt_path.stem}_{epoch + 1}.pth"))

@@ -9,7 +9,8 @@ dataset has masks, and no k-shot list holds more samples of a class than the ful
 the file headers (fast); --decode decodes every file fully, which also finds truncated files. Prints a
 report grouped by kind of problem, each group with its fix; exit code 2 when something is wrong, else 0.
 
-`check_dataset` (one list) is the same check for the training and test scripts to run at start.
+For the training and test scripts to run at start, on one list: `check_dataset` returns the problems as
+lines, `validate_dataset` raises one DatasetError summarising them.
 """
 import argparse
 import re
@@ -22,15 +23,18 @@ from typing import NamedTuple
 from PIL import Image
 from tqdm import tqdm
 
-from .common import DatasetError, get_dataset_info, parse_record
+from .common import RECORD_FORMAT, DatasetError, get_dataset_info, parse_record
 
 SHOT_LIST = re.compile(r"(\d+)-shot\.jsonl")
 MAKE_HINT = "`python -m dataset.make_metadata --dataset NAME --root DIR`"
 # Report groups, in report order, each with the fix of its problems.
 FIXES = {
-    "metadata": "a list line is one JSON object with image_path, label (0 or 1), class_name and an optional "
-                f"mask_path: fix or delete bad lines, or (re)build the lists with {MAKE_HINT} [--shots K]",
-    "missing file": f"check --data_root (list paths are relative to it) and restore the file, or rebuild with {MAKE_HINT}",
+    "missing list": f"build the lists with {MAKE_HINT} [--shots K], or pass the right --metadata_dir / --shot",
+    "data root": "pass --data_root, the folder the list paths are relative to (default: the dataset's "
+                 "default_root in dataset/constants.json)",
+    "metadata": f"{RECORD_FORMAT}: fix or delete bad lines, or (re)build the lists with {MAKE_HINT} [--shots K]",
+    "missing file": "check --data_root (list paths are relative to it) and restore the file, or rebuild with "
+                    f"{MAKE_HINT}",
     "unreadable file": "the file is corrupted or truncated (an interrupted copy or extraction?): copy it again, "
                        "or delete its line",
     "mask size": "a mask must have its image's width and height: regenerate the mask or fix the pair in the list",
@@ -39,7 +43,7 @@ FIXES = {
     "class": f"pass classes the list has, or rebuild with {MAKE_HINT} on a folder that has them",
     "k-shot": f"k-shot lists are drawn from the full list: rebuild both with {MAKE_HINT} --shots K",
 }
-FILE_KINDS = ("missing file", "unreadable file", "mask size", "missing mask")
+FILE_KINDS = ("data root", "missing file", "unreadable file", "mask size", "missing mask")
 # What PIL raises for a file that is not (or no longer) an image it can read.
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -73,7 +77,7 @@ def _read_list(path: Path) -> tuple[list[tuple[str, dict]], list[Problem]]:
         # split("\n") numbers lines as read_metadata does (splitlines would also split on \r, \f, ...).
         lines = path.read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
-        return [], [Problem("metadata", str(path), "metadata file not found")]
+        return [], [Problem("missing list", str(path), "metadata file not found")]
     except (OSError, UnicodeDecodeError) as e:
         return [], [Problem("metadata", str(path), f"cannot read the list ({e})")]
     rows, problems = [], []
@@ -83,18 +87,19 @@ def _read_list(path: Path) -> tuple[list[tuple[str, dict]], list[Problem]]:
             try:
                 rows.append((where, parse_record(line, where)))
             except DatasetError as e:
-                problems.append(Problem("metadata", where, str(e).removeprefix(f"{where}: ")))
+                detail = str(e).removeprefix(f"{where}: ").removesuffix(f"; {RECORD_FORMAT}")
+                problems.append(Problem("metadata", where, detail))
     if not rows and not problems:
         problems.append(Problem("metadata", str(path), "the list has no samples"))
     return rows, problems
 
 
-def _size(path: Path, where: str, decode: bool, problems: list[Problem]) -> tuple[int, int] | None:
-    """The file's size; None, with a problem added, when it is missing or unreadable."""
+def _size(path: Path, role: str, where: str, decode: bool, problems: list[Problem]) -> tuple[int, int] | None:
+    """The size of an image or mask file (`role`); None, with a problem added, when it is missing or unreadable."""
     try:
         return read_size(path, decode)
     except FileNotFoundError:
-        problems.append(Problem("missing file", where, f"{path} not found"))
+        problems.append(Problem("missing file", where, f"{role} {path} not found"))
     except DatasetError as e:
         problems.append(Problem("unreadable file", where, str(e)))
     return None
@@ -104,9 +109,9 @@ def _file_problems(root: Path, rows: list[tuple[str, dict]], decode: bool) -> li
     has_masks = any(r["mask_path"] for _, r in rows)
     problems: list[Problem] = []
     for where, r in tqdm(rows, desc="checking files", leave=False, disable=None):
-        image = _size(root / r["image_path"], where, decode, problems)
+        image = _size(root / r["image_path"], "image", where, decode, problems)
         if r["mask_path"]:
-            mask = _size(root / r["mask_path"], where, decode, problems)
+            mask = _size(root / r["mask_path"], "mask", where, decode, problems)
             if image and mask and image != mask:
                 problems.append(Problem("mask size", where, f"mask {r['mask_path']} is {mask[0]}x{mask[1]} but "
                                                             f"image {r['image_path']} is {image[0]}x{image[1]}"))
@@ -123,7 +128,7 @@ def _shot_problems(path: Path, rows: list[tuple[str, dict]]) -> list[Problem]:
         return []  # nothing to compare with; check_all reports the missing full list
     full = Counter(r["class_name"] for _, r in _read_list(full_path)[0])
     shot = Counter(r["class_name"] for _, r in rows)
-    return [Problem("k-shot", str(path), f"class {c!r} has {n} samples, but {full_path.name} has "
+    return [Problem("k-shot", str(path), f"class {c!r} has {n} sample(s), but {full_path.name} has "
                                          f"{f'only {full[c]}' if full[c] else 'none'}")
             for c, n in sorted(shot.items()) if n > full[c]]
 
@@ -135,8 +140,7 @@ def find_problems(root: str | Path, metadata_path: str | Path, class_names: Sequ
     root, path = Path(root), Path(metadata_path)
     rows, problems = _read_list(path)
     if not root.is_dir():
-        problems.append(Problem("missing file", str(root), "dataset root not found; pass the folder the list's "
-                                                           "paths are relative to with --data_root"))
+        problems.append(Problem("data root", str(root), "dataset root not found"))
     elif rows:
         problems += _file_problems(root, rows, decode)
     if rows:
@@ -191,12 +195,12 @@ def check_all(root: str | Path, metadata_dir: str | Path, dataset: str, shot: in
         shots = [p for _, p in sorted(found)]
     lists = [folder / "full-shot.jsonl", *shots]
     problems, seen = [], set()
-    for p in (p for path in lists for p in find_problems(root, path, class_names, decode)):
+    for problem in (p for path in lists for p in find_problems(root, path, class_names, decode)):
         # A file (or the root) shared by several lists is reported once, at its first line.
-        key = p.detail if p.kind in FILE_KINDS else p
+        key = problem.detail if problem.kind in FILE_KINDS else problem
         if key not in seen:
             seen.add(key)
-            problems.append(p)
+            problems.append(problem)
     return lists, problems
 
 

@@ -12,6 +12,7 @@ class DatasetError(Exception):
 
 
 REQUIRED_KEYS = ("image_path", "label", "class_name")
+RECORD_FORMAT = "each line must be one JSON object with image_path, label (0/1), class_name and optional mask_path"
 
 
 def load_constants() -> dict:
@@ -60,16 +61,15 @@ def get_real_name(dataset: str, class_name: str) -> str:
 def parse_record(line: str, where: str) -> dict:
     """One metadata line -> {image_path, mask_path, label, class_name}; a bad line raises DatasetError
     naming `where` (file:line)."""
-    fix = "each line must be one JSON object with image_path, label (0/1), class_name and optional mask_path"
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{where}: invalid JSON ({e.msg}); {fix}") from None
+        raise DatasetError(f"{where}: invalid JSON ({e.msg}); {RECORD_FORMAT}") from None
     if not isinstance(obj, dict):
-        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}; {fix}")
+        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}; {RECORD_FORMAT}")
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
-        raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}; {fix}")
+        raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}; {RECORD_FORMAT}")
     label, mask_path = obj["label"], obj.get("mask_path") or ""
     # bool is an int subclass; `true` in a metadata file is a mistake, not a label.
     if type(label) is not int or label not in (0, 1):

@@ -41,8 +41,8 @@ def _decode(path: str, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarr
     except FileNotFoundError:
         raise DatasetError(f"file not found: {path}; check the dataset root or rebuild the metadata") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}; the file is corrupted or truncated, "
-                           "re-extract it or remove its line from the metadata") from None
+        raise DatasetError(f"cannot read image {path}: {e}; the file is corrupted or truncated: copy or extract "
+                           "it again, or leave it out (delete its metadata line, or drop it from --images)") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -109,7 +109,7 @@ class ADDataset(Dataset):
     """Anomaly-detection samples listed in a .jsonl metadata file (paths relative to `root`).
 
     Items are dicts: image float [3, S, S] (CLIP-normalised), mask float [1, S, S] in {0, 1},
-    label int, class_name str, image_path str (as in the metadata), has_mask bool (the mask is
+    label int, class_name str, class_idx int (position in `class_names`), image_path str (as in the metadata), has_mask bool (the mask is
     pixel ground truth: the sample has a mask file, or is normal in a dataset that has masks).
     Augmentation draws from torch's global RNG only, so seeding torch makes it reproducible.
     """
@@ -133,6 +133,7 @@ class ADDataset(Dataset):
         self.root, self.metadata, self.image_size = root, metadata, image_size
         self.samples = samples
         self.class_names = sorted({s["class_name"] for s in samples})
+        self.class_index = {name: i for i, name in enumerate(self.class_names)}
         self.has_masks = any(s["mask_path"] for s in samples)
         self._check_files()
         self.color = _color_jitter() if augment and color_jitter else None
@@ -193,6 +194,7 @@ class ADDataset(Dataset):
             "mask": mask.as_subclass(torch.Tensor).float(),
             "label": sample["label"],
             "class_name": sample["class_name"],
+            "class_idx": self.class_index[sample["class_name"]],
             "image_path": sample["image_path"],
             "has_mask": has_mask,
         }

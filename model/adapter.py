@@ -75,7 +75,18 @@ def block_forward(
     `batch_mixing` reproduces the original AA-CLIP defect (spec §3): its V-V attention received a
     sequence-first tensor as if it were batch-first, so it attends across the images of the batch at
     each token position. Transposing B and L around the attention computes exactly that.
+
+    A block whose weights are stored in bf16 runs in bf16 end to end, outside autocast: autocast would
+    return its norms in fp32 and keep an fp32 residual stream, doubling the memory traffic.
     """
+    dtype = block.ln_1.weight.dtype
+    if dtype != torch.float32:
+        with torch.autocast(x.device.type, enabled=False):
+            return _block(block, x.to(dtype), causal, value_only, batch_mixing)
+    return _block(block, x, causal, value_only, batch_mixing)
+
+
+def _block(block: nn.Module, x: torch.Tensor, causal: bool, value_only: bool, batch_mixing: bool) -> torch.Tensor:
     h = block.ln_1(x)
     if batch_mixing:
         a = attention(block.attn, h.transpose(0, 1), value_only=value_only).transpose(0, 1)
@@ -151,6 +162,21 @@ class AdaptedCLIP(nn.Module):
         })
         xavier_init(self.text_adapter)
         xavier_init(self.image_adapter)
+        self.run_block = block_forward
+
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        return self.clip.ln_final.weight.dtype
+
+    def set_backbone_dtype(self, dtype: torch.dtype) -> None:
+        """Stores the frozen CLIP in `dtype` (bf16 for `--precision bf16`): its blocks then run in bf16
+        without autocast casts; the trained adapters keep fp32 weights and run under autocast."""
+        self.clip.to(dtype)
+
+    def compile_blocks(self) -> None:
+        """Runs every transformer block through `torch.compile` (one graph serves all blocks of a kind):
+        fuses the norms, activations and residual adds, and cuts kernel launches for small batches."""
+        self.run_block = torch.compile(block_forward, dynamic=False)
 
     def train(self, mode: bool = True) -> "AdaptedCLIP":
         """The frozen CLIP always stays in eval mode."""
@@ -184,7 +210,7 @@ class AdaptedCLIP(nn.Module):
     def text_blocks(self, x: torch.Tensor, adapt: bool, start: int = 0) -> torch.Tensor:
         """Text blocks `start..` each followed by its adapter when `adapt`. x: [N, T, Wt]."""
         for i in range(start, self.text_depth):
-            x = block_forward(self.clip.transformer.resblocks[i], x, causal=True)
+            x = self.run_block(self.clip.transformer.resblocks[i], x, causal=True)
             if adapt:
                 x = self.adapt_text(i, x)
         return x
@@ -223,7 +249,7 @@ class AdaptedCLIP(nn.Module):
         x = self.embed_image(image)
         taps = []
         for i in range(max(self.levels)):
-            x = block_forward(self.clip.visual.transformer.resblocks[i], x)
+            x = self.run_block(self.clip.visual.transformer.resblocks[i], x)
             if i < self.image_adapt_until:
                 x = mix_residual(x, self.image_adapter["layer_adapters"][i], self.image_adapt_weight)
             if i + 1 in self.levels:
@@ -248,14 +274,14 @@ class AdaptedCLIP(nn.Module):
         taps: dict[int, torch.Tensor] = {}
         x = self.embed_image(image)
         for i in range(trunk_end):
-            x = block_forward(blocks[i], x)
+            x = self.run_block(blocks[i], x)
             if i + 1 in levels:
                 taps[i + 1] = x[:, 1:]
         plain = x
         for i in range(trunk_end, self.vision_depth):
-            plain = block_forward(blocks[i], plain)
+            plain = self.run_block(blocks[i], plain)
         for i in range(trunk_end, max(levels)):
-            x = block_forward(blocks[i], x, value_only=True, batch_mixing=self.surgery_batch_mixing)
+            x = self.run_block(blocks[i], x, value_only=True, batch_mixing=self.surgery_batch_mixing)
             if i + 1 in levels:
                 taps[i + 1] = x[:, 1:]
         cls = self.project_tokens(plain[:, :1])[:, 0]

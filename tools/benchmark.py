@@ -84,11 +84,12 @@ def fake_batch(b: int, size: int, device: torch.device, seed: int = 0) -> dict:
     masks[: b // 2] = 0
     return {"image": torch.randn(b, 3, size, size, generator=g).to(device), "mask": masks.to(device),
             "label": (masks.flatten(1).amax(1) > 0).long().to(device),
-            "class_name": [MVTEC_CLASSES[i % len(MVTEC_CLASSES)] for i in range(b)]}
+            "class_name": [MVTEC_CLASSES[i % len(MVTEC_CLASSES)] for i in range(b)],
+            "class_idx": (torch.arange(b) % len(MVTEC_CLASSES)).to(device)}
 
 
 def bench_steps(model_name: str, size: int, precision: str, device: torch.device, steps: int,
-                cfg: argparse.Namespace) -> list[dict]:
+                cfg: argparse.Namespace, compile_blocks: bool = False) -> list[dict]:
     """Training steps and the test forward of both variants at one precision."""
     rows = []
     torch.manual_seed(0)
@@ -96,17 +97,27 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
     base = AdaptedCLIP(clip).to(device)
     cross = AdaptedCLIPWithCrossAttention(clip).to(device)
     cross.text_adapter.load_state_dict(base.text_adapter.state_dict())
+    if precision == "bf16":
+        base.set_backbone_dtype(torch.bfloat16)  # shared with `cross`
+    if compile_blocks:
+        base.compile_blocks()
+        cross.compile_blocks()
+        precision_label = precision + "+compile"
+    else:
+        precision_label = precision
     flops = model_flops(base)
     bank = PromptBank(get_tokenizer(model_name), "MVTec", MVTEC_CLASSES).to(device)
-    args = argparse.Namespace(precision=precision, stage1_all_levels=False, text_norm_weight=0.1)
+    # "amp": bf16 autocast over the fp32-stored backbone; "bf16": the backbone stored and run in bf16.
+    args = argparse.Namespace(precision="fp32" if precision == "fp32" else "bf16", stage1_all_levels=False,
+                              text_norm_weight=0.1)
 
     def record(name, batch, seconds, flop, extra=None):
         ips = batch / seconds
-        rows.append({"benchmark": name, "precision": precision, "batch": batch, "ms": seconds * 1000,
+        rows.append({"benchmark": name, "precision": precision_label, "batch": batch, "ms": seconds * 1000,
                      "img_s": ips, "tflops": flop * ips / 1e12 if flop else None,
                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                      **(extra or {})})
-        print(f"  {name:<28} {precision} batch {batch:>2}: {ips:8.1f} img/s", flush=True)
+        print(f"  {name:<28} {precision_label} batch {batch:>2}: {ips:8.1f} img/s", flush=True)
 
     def reset():
         if device.type == "cuda":
@@ -144,11 +155,11 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
     reset()
     batch = fake_batch(cfg.test_batch, size, device)
     anchor_fn = class_anchor_fn(base, bank, adapt=True)
-    idx = bank.class_indices(batch["class_name"], device)
+    idx = batch["class_idx"]
 
     @torch.no_grad()
     def test_forward():
-        with autocast(device, precision):
+        with autocast(device, args.precision):
             anchors = anchor_fn(batch["image"], idx)
             seg, det = base(batch["image"])
         anomaly_map(seg, anchors, base.grid, size, "Industrial")
@@ -160,11 +171,11 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
 
     @torch.no_grad()
     def anchors_all():
-        with autocast(device, precision):
+        with autocast(device, args.precision):
             get_adapted_text_embedding(base, bank, adapt=True)
 
     t = cuda_time(anchors_all, steps, 2, device)
-    rows.append({"benchmark": f"text anchors ({len(MVTEC_CLASSES)} classes)", "precision": precision, "batch": None,
+    rows.append({"benchmark": f"text anchors ({len(MVTEC_CLASSES)} classes)", "precision": precision_label, "batch": None,
                  "ms": t * 1000, "img_s": None, "tflops": None, "peak_gib": None})
     print(f"  text anchors: {t * 1000:.1f} ms", flush=True)
     return rows
@@ -253,32 +264,71 @@ def markdown(rows: list[dict], evals: dict, diffs: dict, loss_diffs: dict, devic
         lines += ["", "bf16 vs fp32, same weights and data: largest |difference| over classes (points)", "",
                   "| metric | max abs diff | mean fp32 | mean bf16 |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['max_abs']:.3f} | {v['fp32']:.2f} | {v['bf16']:.2f} |" for k, v in diffs.items()]
-    if loss_diffs:
-        lines += ["", "| loss | fp32 | bf16 | relative diff |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v[0]:.5f} | {v[1]:.5f} | {abs(v[1] - v[0]) / abs(v[0]):.2%} |" for k, v in loss_diffs.items()]
+    for loss, by_mode in loss_diffs.items():
+        ref = by_mode["fp32"]
+        lines += ["", f"| {loss} loss | value | relative diff to fp32 |", "|---|---|---|"]
+        lines += [f"| {mode} | {v:.5f} | {abs(v - ref) / abs(ref):.3%} |" for mode, v in by_mode.items()]
     return "\n".join(lines)
 
 
-def loss_agreement(model_name: str, size: int, device: torch.device) -> dict:
-    """Stage-1 and Stage-2 losses of the same weights and batch in fp32 and bf16 (no optimizer step)."""
+def set_mode(m: AdaptedCLIP, mode: str) -> str:
+    """Stores the backbone for `mode` and returns the autocast precision."""
+    m.set_backbone_dtype(torch.bfloat16 if mode == "bf16" else torch.float32)
+    return "fp32" if mode == "fp32" else "bf16"
+
+
+def loss_agreement(model_name: str, size: int, device: torch.device, modes: list[str]) -> dict:
+    """Stage-1 and Stage-2 losses of the same weights and batch per mode (no optimizer step)."""
     from forward_utils import stage1_loss, stage2_loss
 
     torch.manual_seed(0)
     m = AdaptedCLIP(build_clip(model_name, "none", size)).to(device).eval()
     bank = PromptBank(get_tokenizer(model_name), "MVTec", MVTEC_CLASSES).to(device)
     batch = fake_batch(8, size, device, seed=1)
-    idx = bank.class_indices(batch["class_name"], device)
+    idx = batch["class_idx"]
     out = {}
     with torch.no_grad():
-        for precision in ("fp32", "bf16"):
-            with autocast(device, precision):
+        for mode in modes:
+            with autocast(device, set_mode(m, mode)):
                 anchors = get_adapted_text_embedding(m, bank, True)[idx]
                 feats, _ = m.stage1_features(batch["image"])
                 l1 = stage1_loss(feats, anchors, batch["mask"], m.grid)
                 seg, det = m(batch["image"])
                 l2 = stage2_loss(seg, det, anchors, batch["mask"], batch["label"], m.grid)
-            out.setdefault("stage 1", []).append(float(l1))
-            out.setdefault("stage 2", []).append(float(l2))
+            out.setdefault("stage 1", {})[mode] = float(l1)
+            out.setdefault("stage 2", {})[mode] = float(l2)
+    return out
+
+
+def map_agreement(model_name: str, size: int, device: torch.device, modes: list[str]) -> dict:
+    """Why metrics can move between fp32 and bf16 on a random backbone: the anomaly maps' error against
+    their spatial spread, and how alike the last level's patch tokens are (a deep random transformer
+    maps all tokens close to one vector, leaving maps with little structure)."""
+    torch.manual_seed(0)
+    m = AdaptedCLIP(build_clip(model_name, "none", size)).to(device).eval()
+    bank = PromptBank(get_tokenizer(model_name), "MVTec", MVTEC_CLASSES).to(device)
+    batch = fake_batch(8, size, device, seed=1)
+    idx = batch["class_idx"]
+    maps = {}
+    with torch.no_grad():
+        for mode in modes:
+            with autocast(device, set_mode(m, mode)):
+                anchors = get_adapted_text_embedding(m, bank, True)[idx]
+                seg, _ = m(batch["image"])
+            maps[mode] = anomaly_map(seg, anchors, m.grid, size, "Industrial").double().flatten(1)
+            if mode == "fp32":
+                tokens = torch.nn.functional.normalize(seg[-1].double(), dim=-1)
+                collapse = float((tokens @ tokens.transpose(1, 2)).mean())
+    ref = maps["fp32"]
+    spread = ref.std(dim=1)
+    out = {"map_std_fp32": float(spread.mean()), "patch_token_mean_cos_fp32": collapse}
+    for mode in modes:
+        if mode != "fp32":
+            d = (maps[mode] - ref).abs()
+            corr = torch.stack([torch.corrcoef(torch.stack([x, y]))[0, 1] for x, y in zip(ref, maps[mode])])
+            out[f"{mode}_max_abs_diff"] = float(d.amax())
+            out[f"{mode}_max_diff_over_std"] = float((d.amax(1) / spread).mean())
+            out[f"{mode}_pearson_min"] = float(corr.min())
     return out
 
 
@@ -288,7 +338,9 @@ def main() -> None:
     p.add_argument("--model", default="ViT-L-14-336", help="open_clip model (default: %(default)s)")
     p.add_argument("--image_size", type=int, default=518, help="input size (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-    p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], help="precisions to time")
+    p.add_argument("--precisions", nargs="+", default=["bf16", "amp", "fp32"],
+                   help="bf16: backbone stored in bf16 (what --precision bf16 runs); amp: bf16 autocast over the "
+                        "fp32 backbone; fp32")
     p.add_argument("--steps", type=int, default=10, help="timed steps per benchmark (median) (default: %(default)s)")
     p.add_argument("--stage1_batch", type=int, default=16, help="Stage-1 batch (default: %(default)s)")
     p.add_argument("--stage2_batches", type=int, nargs="+", default=[2, 16], help="Stage-2 batches")
@@ -298,6 +350,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader processes")
     p.add_argument("--work_dir", default="/tmp/aaclip_bench", help="where the synthetic set is written")
     p.add_argument("--skip_steps", action="store_true", help="only the full evaluation")
+    p.add_argument("--compile", action="store_true", help="also time bf16 with compiled transformer blocks")
     p.add_argument("--out", default="results/benchmark", help="writes <out>.md and <out>.json")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -306,6 +359,8 @@ def main() -> None:
     if not args.skip_steps:
         for precision in args.precisions:
             rows += bench_steps(args.model, args.image_size, precision, device, args.steps, args)
+        if args.compile:
+            rows += bench_steps(args.model, args.image_size, "bf16", device, args.steps, args, compile_blocks=True)
     evals, diffs = {}, {}
     if args.eval_images:
         root = Path(args.work_dir)
@@ -314,7 +369,7 @@ def main() -> None:
             make_mvtec_like(root / "data", args.eval_images, args.workers)
             print(f"wrote the synthetic evaluation set in {time.perf_counter() - t0:.1f} s", flush=True)
         fake_run(root / "run", args.model, args.image_size)
-        for precision in args.precisions:
+        for precision in [p for p in args.precisions if p in ("bf16", "fp32")]:
             evals[precision] = bench_eval(root, precision, device, args.workers, args.eval_batch)
         if {"fp32", "bf16"} <= evals.keys():
             for metric in evals["fp32"]["mean"]:
@@ -324,15 +379,20 @@ def main() -> None:
                 if pairs:
                     diffs[metric] = {"max_abs": max(abs(a - b) for a, b in pairs),
                                      "fp32": evals["fp32"]["mean"][metric], "bf16": evals["bf16"]["mean"][metric]}
-    loss_diffs = loss_agreement(args.model, args.image_size, device) if {"fp32", "bf16"} <= set(args.precisions) else {}
+    modes = [mode for mode in ("fp32", "amp", "bf16") if mode in args.precisions]
+    both = "fp32" in modes and len(modes) > 1
+    loss_diffs = loss_agreement(args.model, args.image_size, device, modes) if both else {}
+    agreement = map_agreement(args.model, args.image_size, device, modes) if both else {}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     text = markdown(rows, evals, diffs, loss_diffs, device_name)
+    if agreement:
+        text += "\n\nAnomaly maps, fp32 vs bf16 (8 images): " + ", ".join(f"{k} {v:.4g}" for k, v in agreement.items())
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "evals": {k: v["seconds"] for k, v in evals.items()},
-                                                    "metric_diffs": diffs, "losses": loss_diffs,
+                                                    "metric_diffs": diffs, "losses": loss_diffs, "map_agreement": agreement,
                                                     "device": device_name, "argv": sys.argv}, indent=2))
 
 

@@ -1,0 +1,164 @@
+"""predict.py gives test.py's raw per-image scores and maps, for both variants (tiny random CLIP)."""
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import predict
+import test as test_script
+import train
+import train_cross_attention
+from dataset import ADDataset, load_image
+from dataset.make_metadata import build_metadata
+from dataset.synthetic import make_synthetic
+from forward_utils import PromptBank
+from model import get_tokenizer
+
+CLASS = "disc"
+SEED = 111  # the runs' --seed: test.py and predict.py do not seed yet, so the tests draw the random backbone
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic(str(root / "syn"), seed=0, size=64, n_normal=2, n_anomalous=3, n_train=0,
+                   classes=["disc", "stripes"])
+    build_metadata("Synthetic", str(root / "syn"), layout="mvtec", out_dir=str(root / "meta"), shots=(2,))
+    return root
+
+
+def run(module, argv, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *argv])
+    module.main()
+
+
+def data_args(data):
+    return ["--dataset", "Synthetic", "--data_root", str(data / "syn"), "--metadata_dir", str(data / "meta"),
+            "--num_workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """A baseline and a cross-attention run (one epoch per stage)."""
+    out = tmp_path_factory.mktemp("runs")
+    mp = pytest.MonkeyPatch()
+    common = data_args(data) + ["--model", "tiny", "--image_size", "56", "--shot", "2", "--text_batch_size", "2",
+                                "--image_batch_size", "2", "--text_epoch", "1", "--image_epoch", "1"]
+    run(train, common + ["--save_path", str(out / "baseline")], mp)
+    run(train_cross_attention, common + ["--save_path", str(out / "cross_attention")], mp)
+    mp.undo()
+    return out
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_inputs_are_preprocessed_as_the_test_loader_does(data):
+    ds = ADDataset(str(data / "syn"), str(data / "meta" / "Synthetic" / "full-shot.jsonl"), image_size=56)
+    for i in (0, len(ds) - 1):
+        assert torch.equal(load_image(str(data / "syn" / ds.samples[i]["image_path"]), 56), ds[i]["image"])
+
+
+def maps_of_test_predict(variant, runs, data):
+    """Maps and scores of `test.predict` for the class's images, with test.py's own model set-up."""
+    device = torch.device("cpu")
+    torch.manual_seed(SEED)
+    args = test_script.parse_args(["--save_path", str(runs / variant), *data_args(data)])
+    args.precision = "fp32"
+    model, text_trained = test_script.load_model(args, device)
+    test_script.load_image_adapter(model, test_script.epoch_checkpoints(runs / variant)[1])
+    model.eval()
+    ds = ADDataset(str(data / "syn"), str(data / "meta" / "Synthetic" / "full-shot.jsonl"), image_size=56,
+                   class_names=[CLASS])
+    bank = PromptBank(get_tokenizer("tiny"), "Synthetic", ds.class_names)
+    anchor_fn = test_script.make_anchor_fn(args, model, bank, text_trained)
+    maps, scores, _ = test_script.predict(model, DataLoader(ds, batch_size=4), anchor_fn, bank, "Industrial", device,
+                                          "fp32", "test")
+    return {str(data / "syn" / s["image_path"]): (m, s_) for s, m, s_ in zip(ds.samples, maps, scores)}
+
+
+@pytest.mark.parametrize("variant", ["baseline", "cross_attention"])
+def test_predict_equals_test_py(variant, runs, data, tmp_path, monkeypatch, capsys):
+    torch.manual_seed(SEED)
+    run(test_script, ["--save_path", str(runs / variant), *data_args(data)], monkeypatch)
+    suffix = "_image" if variant == "cross_attention" else ""
+    expected = {str(data / "syn" / r["image_path"]): r
+                for r in read_csv(runs / variant / "results" / f"Synthetic_epoch1{suffix}_images.csv")
+                if r["class_name"] == CLASS}
+
+    real_overlay, shown = predict.overlay, {}
+
+    def record(image, amap, lo, hi):
+        shown[len(shown)] = amap
+        return real_overlay(image, amap, lo, hi)
+
+    monkeypatch.setattr(predict, "overlay", record)
+    capsys.readouterr()
+    torch.manual_seed(SEED)
+    run(predict, ["--save_path", str(runs / variant), "--images", str(data / "syn" / CLASS / "test"),
+                  "--class_name", CLASS, "--dataset", "Synthetic", "--out", str(tmp_path), "--batch_size", "3",
+                  "--num_workers", "0", "--device", "cpu"], monkeypatch)
+    assert "RANDOM BACKBONE WEIGHTS" in capsys.readouterr().out
+    rows = read_csv(tmp_path / "scores.csv")
+    assert sorted(r["image_path"] for r in rows) == sorted(expected) and len(rows) == 5
+    for r in rows:
+        for key in ("image_score", "map_max"):
+            assert float(r[key]) == pytest.approx(float(expected[r["image_path"]][key]), abs=1e-5), (r, key)
+        assert (tmp_path / r["overlay"]).is_file()
+    meta = json.loads((tmp_path / "scores.json").read_text())["meta"]
+    assert meta["random_weights"] is True and meta["variant"] == variant + suffix
+
+    reference = maps_of_test_predict(variant, runs, data)
+    for i, r in enumerate(rows):
+        ref_map, ref_score = reference[r["image_path"]]
+        np.testing.assert_allclose(shown[i], ref_map.numpy(), rtol=0, atol=1e-5)
+        assert float(r["image_score"]) == pytest.approx(float(ref_score), abs=1e-5)
+
+
+def test_any_format_and_size(runs, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    images = {"gray.png": rng.integers(0, 256, (37, 90), dtype=np.uint8),
+              "rgba.png": rng.integers(0, 256, (50, 40, 4), dtype=np.uint8),
+              "deep.png": rng.integers(0, 65536, (64, 64), dtype=np.uint16),
+              "sub/a.png": rng.integers(0, 256, (120, 33, 3), dtype=np.uint8),
+              "sub/a.jpg": rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)}
+    for name, array in images.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(tmp_path / "in" / name)
+    assert Image.open(tmp_path / "in" / "deep.png").mode == "I;16"
+    run(predict, ["--save_path", str(runs / "baseline"), "--images", str(tmp_path / "in"), "--class_name", "metal_nut",
+                  "--out", str(tmp_path / "out"), "--batch_size", "2", "--num_workers", "1", "--device", "cpu",
+                  "--color_range", "0", "5"], monkeypatch)
+    rows = read_csv(tmp_path / "out" / "scores.csv")
+    assert [r["image_path"] for r in rows] == [str(tmp_path / "in" / n) for n in sorted(images)]
+    assert len({r["overlay"] for r in rows}) == 5
+    for r in rows:
+        with Image.open(r["image_path"]) as original, Image.open(tmp_path / "out" / r["overlay"]) as shown:
+            assert shown.size == original.size and shown.mode == "RGB"
+        assert 0 <= float(r["image_score"]) <= 1
+    meta = json.loads((tmp_path / "out" / "scores.json").read_text())["meta"]
+    assert (meta["prompt_name"], meta["domain"], meta["epoch"]) == ("metal nut", "Industrial", 1)
+
+
+@pytest.mark.xfail(strict=True, reason="the random backbone of a --pretrained none run is built without seeding, so "
+                                       "it is not the one the adapters were trained on")
+@pytest.mark.parametrize("script", [test_script, predict])
+def test_random_backbone_is_the_trained_one(script, runs, data, tmp_path, monkeypatch):
+    results = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        if script is test_script:
+            run(script, ["--save_path", str(runs / "baseline"), *data_args(data)], monkeypatch)
+            results.append(read_csv(runs / "baseline" / "results" / "Synthetic_epoch1_images.csv"))
+        else:
+            run(script, ["--save_path", str(runs / "baseline"), "--images", str(data / "syn" / CLASS),
+                         "--class_name", CLASS, "--out", str(tmp_path), "--num_workers", "0"], monkeypatch)
+            results.append(read_csv(tmp_path / "scores.csv"))
+    assert results[0] == results[1]
