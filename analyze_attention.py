@@ -37,7 +37,8 @@ from model import get_tokenizer
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention
 from test import apply_saved_args
 from train import add_data_args, add_model_args, load_dataset, resolve_precision
-from utils import RANDOM_WEIGHTS_BANNER, UserError, autocast, cli_main, ensure_writable_dir, resolve_device
+from utils import (RANDOM_WEIGHTS_BANNER, UserError, autocast, cli_main, ensure_writable_dir, resolve_device,
+                   seed_everything)
 
 STATE_WORDS = ("damaged", "broken", "flaw", "defect", "damage")
 TEMPLATE = "a photo of {}."
@@ -276,6 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     if banner:
         print(banner)
     ds = load_dataset(args, args.dataset, None, class_names=args.classes)
+    seed_everything(args.seed)  # the backbone of a --pretrained none run, as training drew it
     model = load_cross_attention_model(args, device).eval()
     tokenizer = get_tokenizer(args.model)
     templates = args.prompts or default_templates()

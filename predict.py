@@ -171,13 +171,7 @@ def write_scores(rows: list[dict], out: Path, meta: dict) -> None:
 @cli_main
 def main() -> None:
     parser = get_parser()
-    args = parser.parse_args()
-    context = args.text_context  # None unless given
-    args = apply_saved_args(parser, args)
-    if context is not None and args.variant != "cross_attention":
-        raise UserError(f"--text_context is for cross-attention runs; {args.save_path} holds a baseline run: "
-                        "drop the flag")
-    args.text_context = context or "image"
+    args = apply_saved_args(parser, parser.parse_args())
     if args.color_range and args.color_range[0] >= args.color_range[1]:
         raise UserError(f"--color_range {args.color_range[0]:g} {args.color_range[1]:g}: LO must be below HI")
     device = resolve_device(args.device)

@@ -27,7 +27,7 @@ from metrics import METRIC_NAMES, mean_metrics, metrics_eval
 from model import AdaptedCLIP, get_tokenizer
 from train import ARCH_KEYS, add_data_args, add_model_args, build_model, load_dataset, resolve_precision
 from utils import (RANDOM_WEIGHTS_BANNER, UserError, autocast, cli_main, ensure_writable_dir, load_checkpoint,
-                   load_module_state, resolve_device, setup_logger)
+                   load_module_state, resolve_device, seed_everything, setup_logger)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -40,9 +40,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="evaluate image_adapter_<epoch>.pth (default: the last epoch)")
     g.add_argument("--all_epochs", action="store_true", help="evaluate every saved epoch, in numeric order")
     g.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
-    g.add_argument("--text_context", choices=["image", "none"], default="image",
-                   help="cross-attention runs only: anchors from each test image's own context, or with the "
-                        "cross-attention bypassed (default: %(default)s)")
+    g.add_argument("--text_context", choices=["image", "none"], default=None,
+                   help="cross-attention runs only: anchors from each test image's own context (the default), "
+                        "or with the cross-attention bypassed")
     g.add_argument("--visualize", action="store_true",
                    help="save image | ground truth | anomaly map panels under <results>/vis/")
     g.add_argument("--results_dir", default=None, help="where tables go (default: <save_path>/results)")
@@ -65,6 +65,12 @@ def apply_saved_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if key in saved and key not in given and hasattr(args, key):
             setattr(args, key, saved[key])
     args.variant = detect_variant(save_dir, saved)
+    if getattr(args, "text_context", None) is not None and args.variant != "cross_attention":
+        raise UserError(f"--text_context is for cross-attention runs; {save_dir} holds a baseline run: drop the flag")
+    if hasattr(args, "text_context"):
+        args.text_context = args.text_context or "image"
+    # Training seeds before it builds the model: with --pretrained none the same seed redraws its backbone.
+    args.seed = saved.get("seed", 111)  # 111: train.py's default
     args.cross_attn_heads = saved.get("cross_attn_heads", 8)
     args.cross_attn_dropout = saved.get("cross_attn_dropout", 0.1)
     return args
@@ -95,6 +101,7 @@ def epoch_checkpoints(save_dir: Path) -> dict[int, Path]:
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[AdaptedCLIP, bool]:
     """The model with its trained text side loaded; returns (model, text adapter trained?)."""
     save_dir = Path(args.save_path)
+    seed_everything(args.seed)
     if args.variant == "cross_attention":
         return load_cross_attention_model(args, device), True
     if (save_dir / CROSS_ATTN_CKPT).exists():
@@ -103,7 +110,11 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[AdaptedC
     text_ckpt = save_dir / "text_adapter.pth"
     if not text_ckpt.exists():
         return model, False
-    load_module_state(model.text_adapter, load_checkpoint(text_ckpt), "text_adapter", text_ckpt)
+    ckpt = load_checkpoint(text_ckpt)
+    if "text_cross_attn" in ckpt:
+        raise UserError(f"{text_ckpt} is a cross-attention checkpoint (it holds text_cross_attn); put the baseline "
+                        f"run's text_adapter.pth there, or name this file {CROSS_ATTN_CKPT} in a cross-attention run")
+    load_module_state(model.text_adapter, ckpt, "text_adapter", text_ckpt)
     return model, True
 
 
@@ -215,12 +226,8 @@ def main() -> None:
     device = resolve_device(args.device)
     args.precision = resolve_precision(args, device)
     save_dir = Path(args.save_path)
-    results_dir = ensure_writable_dir(args.results_dir or save_dir / "results", "--results_dir")
-    logger = setup_logger(results_dir, "test")
-    banner = RANDOM_WEIGHTS_BANNER if args.pretrained == "none" else ""
-    if banner:
-        logger.info(banner)
-
+    if args.all_epochs and args.epoch is not None:
+        raise UserError("--epoch and --all_epochs contradict each other; drop one")
     checkpoints = epoch_checkpoints(save_dir)
     if args.all_epochs:
         chosen = list(checkpoints.items())
@@ -234,10 +241,17 @@ def main() -> None:
     model, text_trained = load_model(args, device)
     t_model = time.perf_counter() - t_start
     model.eval()
+    for _, path in chosen:  # every checkpoint must load before anything is written
+        load_image_adapter(model, path)
     ds = load_dataset(args, args.dataset, None)
     domain = get_dataset_info(args.dataset)["domain"]
     bank = PromptBank(get_tokenizer(args.model), args.dataset, ds.class_names).to(device)
     anchor_fn = make_anchor_fn(args, model, bank, text_trained)
+    results_dir = ensure_writable_dir(args.results_dir or save_dir / "results", "--results_dir")
+    logger = setup_logger(results_dir, "test")
+    banner = RANDOM_WEIGHTS_BANNER if args.pretrained == "none" else ""
+    if banner:
+        logger.info(banner)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
     suffix = f"_{args.text_context}" if args.variant == "cross_attention" else ""

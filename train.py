@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from dataset import ADDataset, get_dataset_info
+from dataset.check import validate_dataset
 from forward_utils import AnchorFn, PromptBank, class_anchor_fn, stage1_loss, stage2_loss
 from model import AdaptedCLIP, build_clip, get_tokenizer
 from utils import (RANDOM_WEIGHTS_BANNER, UserError, atomic_save, autocast, cli_main, ensure_writable_dir,
@@ -111,12 +112,15 @@ def resolve_precision(args: argparse.Namespace, device: torch.device) -> str:
 def build_model(args: argparse.Namespace, model_cls: type[AdaptedCLIP] = AdaptedCLIP, **kwargs) -> AdaptedCLIP:
     """The frozen CLIP with fresh adapters, as the flags say."""
     clip = build_clip(args.model, args.pretrained, args.image_size, args.quick_gelu)
-    model = model_cls(
-        clip, text_adapt_weight=args.text_adapt_weight, image_adapt_weight=args.image_adapt_weight,
-        levels=args.levels, relu=args.relu, text_adapt_until=args.text_adapt_until,
-        image_adapt_until=args.image_adapt_until, surgery_until_layer=args.surgery_until_layer,
-        surgery_batch_mixing=args.surgery_batch_mixing, **kwargs,
-    )
+    try:
+        model = model_cls(
+            clip, text_adapt_weight=args.text_adapt_weight, image_adapt_weight=args.image_adapt_weight,
+            levels=args.levels, relu=args.relu, text_adapt_until=args.text_adapt_until,
+            image_adapt_until=args.image_adapt_until, surgery_until_layer=args.surgery_until_layer,
+            surgery_batch_mixing=args.surgery_batch_mixing, **kwargs,
+        )
+    except ValueError as e:  # block numbers outside this backbone's depth
+        raise UserError(f"{e} for {args.model}; fix --levels / --surgery_until_layer") from None
     if getattr(args, "precision", "fp32") == "bf16":
         model.set_backbone_dtype(torch.bfloat16)
     if getattr(args, "compile", False):
@@ -131,6 +135,7 @@ def metadata_file(args: argparse.Namespace, dataset: str, shot: int | None) -> P
 
 def load_dataset(args: argparse.Namespace, dataset: str, shot: int | None, **kwargs) -> ADDataset:
     root = args.data_root or get_dataset_info(dataset)["default_root"]
+    validate_dataset(root, metadata_file(args, dataset, shot))  # reads file headers only: ~0.1 ms a file
     return ADDataset(root, str(metadata_file(args, dataset, shot)), image_size=args.image_size, **kwargs)
 
 

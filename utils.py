@@ -23,6 +23,13 @@ class UserError(Exception):
 RANDOM_WEIGHTS_BANNER = "RANDOM BACKBONE WEIGHTS (--pretrained none): these numbers say nothing about AA-CLIP"
 
 
+def own_message(e: Exception) -> str:
+    """The exception's message without the traceback text that a DataLoader worker's error carries
+    ("Caught DatasetError in DataLoader worker process 0. Original Traceback ...: <message>")."""
+    msg, head = str(e), f"\n{type(e).__module__}.{type(e).__qualname__}: "
+    return msg[msg.rindex(head) + len(head):].rstrip() if "\nOriginal Traceback" in msg and head in msg else msg
+
+
 def cli_main(main: Callable[[], Any]) -> Callable[[], None]:
     """Wraps a script's `main`: a `UserError` or `DatasetError` becomes one `error: ...` line and exit code 2.
 
@@ -37,7 +44,7 @@ def cli_main(main: Callable[[], Any]) -> Callable[[], None]:
         except (UserError, DatasetError) as e:
             if debug:
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {own_message(e)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

@@ -2,6 +2,7 @@
 an OpenAI TorchScript `.pt`, a state-dict file, open_clip's `openai` download, or none (random)."""
 from __future__ import annotations
 
+import logging
 import zipfile
 from pathlib import Path
 
@@ -80,6 +81,14 @@ def load_clip_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     sd = dict(state_dict)
     if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    # open_clip's resizing asserts on another width: compare shapes first (positional embeddings
+    # legitimately differ with the image size).
+    wrong = [f"{k}: {tuple(sd[k].shape)} in the file, {tuple(v.shape)} in the model"
+             for k, v in model.state_dict().items()
+             if k in sd and "positional_embedding" not in k and sd[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"weights in {source} do not fit the chosen architecture ({'; '.join(wrong[:2])}); "
+                        "pass the --model that the weights were trained for")
     resize_pos_embed(sd, model)
     resize_text_pos_embed(sd, model)
     try:
@@ -107,13 +116,20 @@ def build_clip(
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise UserError(f"unknown model {model_name!r}; choose one of open_clip's: {', '.join(open_clip.list_models())}")
-    if "timm_model_name" in cfg.get("vision_cfg", {}) or "hf_model_name" in cfg.get("text_cfg", {}):
+    if ("timm_model_name" in cfg.get("vision_cfg", {}) or "hf_model_name" in cfg.get("text_cfg", {})
+            or not cfg["vision_cfg"].get("patch_size")):  # ResNet CLIPs have none
         raise UserError(f"{model_name} is not a plain CLIP ViT; AA-CLIP needs open_clip's own VisionTransformer")
     patch = cfg["vision_cfg"]["patch_size"]
     if image_size is not None and image_size % patch:
         raise UserError(f"--image_size {image_size} is not a multiple of {model_name}'s patch size {patch}")
-    model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size,
-                                   force_quick_gelu=quick_gelu)
+    # open_clip logs "No pretrained weights loaded" to stderr (before any error line), although the
+    # weights are loaded below.
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size,
+                                       force_quick_gelu=quick_gelu)
+    finally:
+        logging.disable(logging.NOTSET)
     if pretrained != "none":
         path = _download_openai(model_name) if pretrained == "openai" else pretrained
         load_clip_weights(model, load_state_dict_file(path), str(path))

@@ -1,8 +1,6 @@
 """Bad inputs: each stops the script with exit code 2 and one `error:` message that names the file or
 flag and says the fix, and leaves nothing half-written behind (checked on the folder listing).
-
-A case the code does not handle yet is marked xfail(strict=True, raises=...): `NotClean` when the script
-does not stop cleanly with such a message, `LeftBehind` when the message is right (checked first) but
+`NotClean`: the script did not stop cleanly with such a message; `LeftBehind`: the message is right but
 files were created or changed.
 """
 import json
@@ -33,10 +31,6 @@ class NotClean(AssertionError):
 
 class LeftBehind(AssertionError):
     """The failed run created or changed files."""
-
-
-def xfail(raises: type[AssertionError], reason: str):
-    return pytest.mark.xfail(strict=True, raises=raises, reason=reason)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -149,7 +143,6 @@ def test_weight_file_corrupted(data, tmp_path, monkeypatch, capsys):
     assert_unchanged(save, None)
 
 
-@xfail(NotClean, "open_clip's resize_text_pos_embed asserts on a width change: AssertionError, not a UserError")
 def test_weight_file_of_another_architecture(data, wide, tmp_path, monkeypatch, capsys):
     weights, save = tmp_path / "wide.pt", tmp_path / "run"
     torch.save(wide.clip.state_dict(), weights)
@@ -202,8 +195,6 @@ def test_bad_metadata_line(data, tmp_path, monkeypatch, capsys):
     assert_unchanged(save, None)
 
 
-@xfail(NotClean, "images are only checked for existence before training; the decode error comes from a DataLoader "
-                 "worker with the worker's traceback in its message, after args.json and train.log were written")
 def test_corrupted_image(data, tmp_path, monkeypatch, capsys):
     root, save = Path(shutil.copytree(data / "syn", tmp_path / "syn")), tmp_path / "run"
     first = json.loads((data / "meta" / "Synthetic" / "2-shot.jsonl").read_text().splitlines()[0])
@@ -241,7 +232,6 @@ def test_cross_attention_training_into_a_baseline_run(data, copy_run, monkeypatc
     assert_unchanged(save, before)
 
 
-@xfail(NotClean, "test.load_model loads any checkpoint's 'text_adapter' entry, also one of a cross-attention run")
 def test_cross_attention_checkpoint_as_baseline_text_adapter(data, runs, copy_run, monkeypatch, capsys):
     save = copy_run("baseline")
     shutil.copy(runs / "cross_attention" / "text_adapter_cross_attn.pth", save / "text_adapter.pth")
@@ -251,7 +241,6 @@ def test_cross_attention_checkpoint_as_baseline_text_adapter(data, runs, copy_ru
     assert_unchanged(save, before)
 
 
-@xfail(LeftBehind, "test.py creates results/ and test.log before it loads the checkpoints")
 def test_baseline_checkpoint_as_cross_attention_checkpoint(data, runs, copy_run, monkeypatch, capsys):
     save = copy_run("cross_attention")
     shutil.copy(runs / "baseline" / "text_adapter.pth", save / "text_adapter_cross_attn.pth")
@@ -267,7 +256,6 @@ def replace_image_adapter(save: Path, wide: AdaptedCLIP) -> Path:
     return path
 
 
-@xfail(LeftBehind, "test.py creates results/ and test.log before it loads the checkpoints")
 def test_image_adapter_of_another_width_test_py(data, wide, copy_run, monkeypatch, capsys):
     save = copy_run("baseline")
     path = replace_image_adapter(save, wide)
@@ -287,10 +275,7 @@ def test_image_adapter_of_another_width_predict(data, wide, copy_run, monkeypatc
     assert_unchanged(save, before)
 
 
-@pytest.mark.parametrize("script", [
-    pytest.param(test_script, marks=xfail(LeftBehind, "test.py creates results/ and test.log before it loads the "
-                                                      "checkpoints")),
-    predict])
+@pytest.mark.parametrize("script", [test_script, predict])
 def test_truncated_checkpoint(script, data, copy_run, monkeypatch, capsys):
     save = copy_run("cross_attention")
     path = save / "image_adapter_1.pth"
@@ -311,14 +296,12 @@ def test_image_size_not_a_multiple_of_the_patch_size(data, tmp_path, monkeypatch
     assert_unchanged(save, None)
 
 
-@xfail(NotClean, "build_clip computes image_size % patch_size with the ResNet config's patch_size None: TypeError")
 def test_resnet_model(data, tmp_path, monkeypatch, capsys):
     save = tmp_path / "run"
     has(fail(train, train_args(data, save) + ["--model", "RN50"], monkeypatch, capsys), "RN50", "ViT")
     assert_unchanged(save, None)
 
 
-@xfail(NotClean, "AdaptedCLIP raises ValueError for levels outside the backbone's depth")
 def test_level_beyond_the_depth(data, tmp_path, monkeypatch, capsys):
     save = tmp_path / "run"
     has(fail(train, train_args(data, save) + ["--levels", "4", "9"], monkeypatch, capsys), "--levels", "1..8")
@@ -342,7 +325,6 @@ def test_unwritable_output_folder(script, data, runs, tmp_path, monkeypatch, cap
     assert_unchanged(watched, before)
 
 
-@xfail(NotClean, "test.py ignores --epoch when --all_epochs is given")
 def test_epoch_and_all_epochs(data, copy_run, monkeypatch, capsys):
     save = copy_run("baseline")
     before = listing(save)
@@ -352,9 +334,7 @@ def test_epoch_and_all_epochs(data, copy_run, monkeypatch, capsys):
     assert_unchanged(save, before)
 
 
-@pytest.mark.parametrize("script", [
-    pytest.param(test_script, marks=xfail(NotClean, "test.py ignores --text_context on a baseline run")),
-    predict])
+@pytest.mark.parametrize("script", [test_script, predict])
 def test_text_context_on_a_baseline_run(script, data, copy_run, monkeypatch, capsys):
     save = copy_run("baseline")
     before = listing(save)
@@ -396,7 +376,6 @@ def test_predict_unreadable_images_all_listed(data, copy_run, tmp_path, monkeypa
     assert_unchanged(save, before)
 
 
-@xfail(NotClean, "an error raised in a DataLoader worker reaches cli_main with the worker's traceback in its message")
 def test_predict_truncated_image_found_while_decoding(data, copy_run, tmp_path, monkeypatch, capsys):
     save = copy_run("baseline")
     image = tmp_path / "cut.png"
@@ -408,7 +387,6 @@ def test_predict_truncated_image_found_while_decoding(data, copy_run, tmp_path, 
     assert not (save / "predictions" / "scores.csv").exists() and not (save / "predictions" / "scores.json").exists()
 
 
-@xfail(NotClean, "open_clip logs 'No pretrained weights loaded' on stderr before the error line")
 def test_real_cli_path(data, tmp_path):
     proc = subprocess.run([sys.executable, "train.py", *train_args(data, tmp_path / "run"),
                            "--pretrained", str(tmp_path / "missing.pt")],
