@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import test as test_script  # noqa: E402
 from dataset import get_dataset_info  # noqa: E402
 from forward_utils import (PromptBank, anomaly_map, class_anchor_fn, get_adapted_text_embedding,  # noqa: E402
-                           image_logits)
+                           image_logits, stage1_loss, stage2_loss)
 from forward_utils_cross_attention import cross_attention_anchor_fn  # noqa: E402
 from model import AdaptedCLIP, build_clip, get_tokenizer  # noqa: E402
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention  # noqa: E402
@@ -277,14 +277,17 @@ def set_mode(m: AdaptedCLIP, mode: str) -> str:
     return "fp32" if mode == "fp32" else "bf16"
 
 
-def loss_agreement(model_name: str, size: int, device: torch.device, modes: list[str]) -> dict:
-    """Stage-1 and Stage-2 losses of the same weights and batch per mode (no optimizer step)."""
-    from forward_utils import stage1_loss, stage2_loss
-
+def agreement_setup(model_name: str, size: int, device: torch.device) -> tuple[AdaptedCLIP, PromptBank, dict]:
+    """One seeded model, the MVTec prompts and a fixed batch of 8 images, for the numerics checks."""
     torch.manual_seed(0)
     m = AdaptedCLIP(build_clip(model_name, "none", size)).to(device).eval()
     bank = PromptBank(get_tokenizer(model_name), "MVTec", MVTEC_CLASSES).to(device)
-    batch = fake_batch(8, size, device, seed=1)
+    return m, bank, fake_batch(8, size, device, seed=1)
+
+
+def loss_agreement(model_name: str, size: int, device: torch.device, modes: list[str]) -> dict:
+    """Stage-1 and Stage-2 losses of the same weights and batch per mode (no optimizer step)."""
+    m, bank, batch = agreement_setup(model_name, size, device)
     idx = batch["class_idx"]
     out = {}
     with torch.no_grad():
@@ -304,10 +307,7 @@ def map_agreement(model_name: str, size: int, device: torch.device, modes: list[
     """Why metrics can move between fp32 and bf16 on a random backbone: the anomaly maps' error against
     their spatial spread, and how alike the last level's patch tokens are (a deep random transformer
     maps all tokens close to one vector, leaving maps with little structure)."""
-    torch.manual_seed(0)
-    m = AdaptedCLIP(build_clip(model_name, "none", size)).to(device).eval()
-    bank = PromptBank(get_tokenizer(model_name), "MVTec", MVTEC_CLASSES).to(device)
-    batch = fake_batch(8, size, device, seed=1)
+    m, bank, batch = agreement_setup(model_name, size, device)
     idx = batch["class_idx"]
     maps = {}
     with torch.no_grad():
