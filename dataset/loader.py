@@ -1,5 +1,7 @@
 """ADDataset: reads a .jsonl metadata list, loads images and masks, optional training augmentation."""
+import hashlib
 import os
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -66,11 +68,32 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: str, image_size: int) -> torch.Tensor:
-    """Any file PIL reads (any size, grayscale, RGBA, 16-bit, ...) -> float [3, S, S] in [0, 1]: RGB as
-    `to_rgb` makes it, resized bicubic to S x S."""
+def read_image_uint8(path: str, image_size: int, cache_dir: str | None = None) -> np.ndarray:
+    """Any file PIL reads (any size, grayscale, RGBA, 16-bit, ...) -> uint8 [S, S, 3]: RGB as `to_rgb`
+    makes it, resized bicubic to S x S. With `cache_dir`, the result is kept there as `.npy` (keyed by
+    path, modification time and size), so later epochs and evaluations skip decoding and resizing."""
+    cached = None
+    if cache_dir:
+        stat = os.stat(path)
+        key = hashlib.sha1(f"{os.path.abspath(path)}|{stat.st_mtime_ns}|{stat.st_size}|{image_size}".encode())
+        cached = os.path.join(cache_dir, key.hexdigest() + ".npy")
+        if os.path.exists(cached):
+            return np.load(cached)
     size = (image_size, image_size)
-    arr = _decode(path, lambda img: np.asarray(to_rgb(img).resize(size, Image.BICUBIC)))
+    arr = np.ascontiguousarray(_decode(path, lambda img: np.asarray(to_rgb(img).resize(size, Image.BICUBIC))))
+    if cached:
+        os.makedirs(cache_dir, exist_ok=True)
+        # Written under a unique name, then renamed: loader workers may cache the same file at once.
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, cached)
+    return arr
+
+
+def read_image(path: str, image_size: int, cache_dir: str | None = None) -> torch.Tensor:
+    """`read_image_uint8` as float [3, S, S] in [0, 1]."""
+    arr = read_image_uint8(path, image_size, cache_dir)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255.0)
 
 
@@ -115,7 +138,7 @@ class ADDataset(Dataset):
     """
 
     def __init__(self, root: str, metadata: str, image_size: int = 518, augment: bool = False,
-                 color_jitter: bool = False, class_names: list[str] | None = None):
+                 color_jitter: bool = False, class_names: list[str] | None = None, cache_dir: str | None = None):
         if not os.path.isfile(metadata):
             raise DatasetError(f"metadata file not found: {metadata}; {_MAKE_HINT}")
         if not os.path.isdir(root):
@@ -131,6 +154,7 @@ class ADDataset(Dataset):
                 raise DatasetError(f"class(es) {unknown} not in {metadata}; available: {sorted(present)}")
             samples = [s for s in samples if s["class_name"] in class_names]
         self.root, self.metadata, self.image_size = root, metadata, image_size
+        self.cache_dir = cache_dir
         self.samples = samples
         self.class_names = sorted({s["class_name"] for s in samples})
         self.class_index = {name: i for i, name in enumerate(self.class_names)}
@@ -170,7 +194,7 @@ class ADDataset(Dataset):
         return len(self.samples)
 
     def _load_image(self, rel: str) -> tv_tensors.Image:
-        return tv_tensors.Image(read_image(self._path(rel), self.image_size))
+        return tv_tensors.Image(read_image(self._path(rel), self.image_size, self.cache_dir))
 
     def _load_mask(self, sample: dict) -> tv_tensors.Mask:
         """Returns uint8 [1, S, S] in {0, 1}; all-zero for normal samples and samples without a mask."""

@@ -1,5 +1,6 @@
 """Tests for dataset/: synthetic data, metadata building, loading, augmentation and error messages."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -356,3 +357,20 @@ def test_constants_and_real_names():
     assert PROMPTS["prompt_abnormal"][0] == "a damaged {}" and set(PROMPTS) == set(load_constants()["prompts"])
     load_constants()["datasets"]["MVTec"]["classes"]["bottle"] = "changed"
     assert get_real_name("MVTec", "bottle") == "dark bottle"
+
+
+def test_image_cache_gives_identical_items(tmp_path):
+    """A decoded-and-resized image cached on disk reloads bit for bit, and a changed file is re-read."""
+    make_synthetic(str(tmp_path / "syn"), seed=3, size=48, n_normal=1, n_anomalous=1, n_train=0, classes=["disc"])
+    build_metadata("Synthetic", str(tmp_path / "syn"), layout="mvtec", out_dir=str(tmp_path / "meta"), shots=())
+    meta = str(tmp_path / "meta" / "Synthetic" / "full-shot.jsonl")
+    plain = ADDataset(str(tmp_path / "syn"), meta, image_size=28)
+    cached = ADDataset(str(tmp_path / "syn"), meta, image_size=28, cache_dir=str(tmp_path / "cache"))
+    first = [cached[i]["image"] for i in range(len(cached))]
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == len(cached)
+    for i in range(len(cached)):
+        assert torch.equal(first[i], plain[i]["image"]) and torch.equal(cached[i]["image"], plain[i]["image"])
+    path = tmp_path / "syn" / cached.samples[0]["image_path"]
+    Image.new("RGB", (48, 48), (255, 0, 0)).save(path)
+    os.utime(path, ns=(1, 10**18))
+    assert torch.equal(cached[0]["image"], plain[0]["image"]) and not torch.equal(cached[0]["image"], first[0])

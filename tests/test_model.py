@@ -271,3 +271,32 @@ def test_weight_file_errors(tmp_path):
         build_clip("tiny", "none", 50)
     with pytest.raises(UserError, match="unknown model"):
         build_clip("ViT-Q-99", "none", SIZE)
+
+
+def test_bf16_backbone_close_to_fp32():
+    """`--precision bf16` stores the frozen CLIP in bf16 and runs its blocks in bf16 outside autocast;
+    the adapters stay fp32. Outputs stay close to fp32, and the anchor table (built outside the
+    training/test loops) works with it."""
+    from forward_utils import PromptBank, class_anchor_fn
+
+    torch.manual_seed(4)
+    m = AdaptedCLIP(build_clip("tiny", "none", SIZE)).eval()
+    bank = PromptBank(get_tokenizer("tiny"), "MVTec", ["bottle", "cable"])
+    image = torch.randn(2, 3, SIZE, SIZE)
+    idx = torch.tensor([0, 1])
+    with torch.no_grad():
+        ref_seg, ref_det = m(image)
+        ref_feats, _ = m.stage1_features(image)
+        ref_anchors = class_anchor_fn(m, bank)(image, idx)
+        m.set_backbone_dtype(torch.bfloat16)
+        assert m.backbone_dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in m.image_adapter.parameters())
+        anchors = class_anchor_fn(m, bank)(image, idx)
+        assert block_forward(m.clip.visual.transformer.resblocks[0], torch.randn(1, 5, 64)).dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            seg, det = m(image)
+            feats, _ = m.stage1_features(image)
+    torch.testing.assert_close(anchors, ref_anchors, rtol=0, atol=2e-2)
+    torch.testing.assert_close(det.float(), ref_det, rtol=0, atol=2e-2)
+    for a, b in zip([*seg, *feats], [*ref_seg, *ref_feats]):
+        assert F.cosine_similarity(a.float(), b, dim=-1).min() > 0.99
