@@ -2,14 +2,18 @@
 
     python test.py --save_path ckpt/baseline --dataset MVTec
     python test.py --save_path ckpt/baseline --dataset MVTec --all_epochs --visualize
+    torchrun --standalone --nproc_per_node 2 test.py --save_path ckpt/baseline --dataset MVTec
 
-Model flags default to the ones saved in <save_path>/args.json by training.
+Model flags default to the ones saved in <save_path>/args.json by training. Under torchrun each process
+scores a contiguous share of the test images, in the batches one process would form, and rank 0 gathers
+the maps, scores and masks, computes the metrics (equal to one process's) and writes every output.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 import time
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from dataset import ADDataset, get_dataset_info
@@ -26,8 +30,9 @@ from forward_utils import AnchorFn, PromptBank, anomaly_map, class_anchor_fn, im
 from metrics import METRIC_NAMES, mean_metrics, metrics_eval
 from model import AdaptedCLIP, get_tokenizer
 from train import ARCH_KEYS, add_data_args, add_model_args, build_model, load_dataset, resolve_precision
-from utils import (RANDOM_WEIGHTS_BANNER, UserError, autocast, cli_main, ensure_writable_dir, load_checkpoint,
-                   load_module_state, resolve_device, seed_everything, setup_logger)
+from utils import (RANDOM_WEIGHTS_BANNER, UserError, autocast, cli_main, ensure_writable_dir, gather_rows,
+                   init_distributed, is_main, load_checkpoint, load_module_state, rank, same_outcome,
+                   seed_everything, setup_logger, shard, world_size)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -39,12 +44,13 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--epoch", type=int, default=None,
                    help="evaluate image_adapter_<epoch>.pth (default: the last epoch)")
     g.add_argument("--all_epochs", action="store_true", help="evaluate every saved epoch, in numeric order")
-    g.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    g.add_argument("--batch_size", type=int, default=8,
+                   help="images per forward pass (per process under torchrun) (default: %(default)s)")
     g.add_argument("--text_context", choices=["image", "none"], default=None,
                    help="cross-attention runs only: anchors from each test image's own context (the default), "
                         "or with the cross-attention bypassed")
     g.add_argument("--visualize", action="store_true",
-                   help="save image | ground truth | anomaly map panels under <results>/vis/")
+                   help="save image | ground truth | anomaly map panels under <results>/vis/ (rank 0 under torchrun)")
     g.add_argument("--results_dir", default=None, help="where tables go (default: <save_path>/results)")
     return p
 
@@ -130,7 +136,7 @@ def predict(model: AdaptedCLIP, loader: DataLoader, anchor_fn: AnchorFn, bank: P
     """Anomaly maps [N, S, S], image scores `(s + 1) / 2` [N] and ground-truth masks [N, S, S] (bool) of
     every image, in loader order."""
     maps, scores, masks = [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):
         images = batch["image"].to(device, non_blocking=True)
         class_idx = batch["class_idx"].to(device, non_blocking=True)  # rows of `bank`, built from ds.class_names
         with autocast(device, precision):
@@ -140,6 +146,22 @@ def predict(model: AdaptedCLIP, loader: DataLoader, anchor_fn: AnchorFn, bank: P
         scores.append((image_logits(det_token, anchors)[:, 1] + 1) / 2)
         masks.append(batch["mask"][:, 0].to(device, non_blocking=True).bool())
     return torch.cat(maps), torch.cat(scores), torch.cat(masks)
+
+
+def shard_loader(ds: ADDataset, batch_size: int, num_workers: int, device: torch.device
+                 ) -> tuple[DataLoader, list[int]]:
+    """This rank's loader and every rank's image count. The ranks take contiguous runs of whole batches,
+    so each image is scored in the very batch one process would put it in: the maps do not depend on
+    the number of processes (batch shapes can change kernels, and so low bits)."""
+    n_batches = math.ceil(len(ds) / batch_size)
+
+    def images(r: int) -> range:
+        batches = shard(n_batches, world_size(), r)
+        return range(batches.start * batch_size, min(batches.stop * batch_size, len(ds)))
+
+    loader = DataLoader(Subset(ds, images(rank())), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    return loader, [len(images(r)) for r in range(world_size())]
 
 
 def evaluate_classes(ds: ADDataset, maps: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor,
@@ -223,47 +245,56 @@ def load_image_adapter(model: AdaptedCLIP, path: Path) -> int:
 @cli_main
 def main() -> None:
     args = parse_args()
-    device = resolve_device(args.device)
+    device = init_distributed(args.device)
     args.precision = resolve_precision(args, device)
     save_dir = Path(args.save_path)
-    if args.all_epochs and args.epoch is not None:
-        raise UserError("--epoch and --all_epochs contradict each other; drop one")
-    checkpoints = epoch_checkpoints(save_dir)
-    if args.all_epochs:
-        chosen = list(checkpoints.items())
-    else:
-        epoch = args.epoch if args.epoch is not None else max(checkpoints)
-        if epoch not in checkpoints:
-            raise UserError(f"no checkpoint for epoch {epoch} in {save_dir}; saved epochs: {list(checkpoints)}")
-        chosen = [(epoch, checkpoints[epoch])]
+    results_dir = Path(args.results_dir or save_dir / "results")
+    with same_outcome():  # every rank validates and loads; rank 0 alone writes
+        if args.all_epochs and args.epoch is not None:
+            raise UserError("--epoch and --all_epochs contradict each other; drop one")
+        checkpoints = epoch_checkpoints(save_dir)
+        if args.all_epochs:
+            chosen = list(checkpoints.items())
+        else:
+            epoch = args.epoch if args.epoch is not None else max(checkpoints)
+            if epoch not in checkpoints:
+                raise UserError(f"no checkpoint for epoch {epoch} in {save_dir}; saved epochs: {list(checkpoints)}")
+            chosen = [(epoch, checkpoints[epoch])]
 
-    t_start = time.perf_counter()
-    model, text_trained = load_model(args, device)
-    t_model = time.perf_counter() - t_start
-    model.eval()
-    for _, path in chosen:  # every checkpoint must load before anything is written
-        load_image_adapter(model, path)
-    ds = load_dataset(args, args.dataset, None)
-    domain = get_dataset_info(args.dataset)["domain"]
-    bank = PromptBank(get_tokenizer(args.model), args.dataset, ds.class_names).to(device)
-    anchor_fn = make_anchor_fn(args, model, bank, text_trained)
-    results_dir = ensure_writable_dir(args.results_dir or save_dir / "results", "--results_dir")
-    logger = setup_logger(results_dir, "test")
+        t_start = time.perf_counter()
+        model, text_trained = load_model(args, device)
+        t_model = time.perf_counter() - t_start
+        model.eval()
+        for _, path in chosen:  # every checkpoint must load before anything is written
+            load_image_adapter(model, path)
+        ds = load_dataset(args, args.dataset, None)
+        domain = get_dataset_info(args.dataset)["domain"]
+        bank = PromptBank(get_tokenizer(args.model), args.dataset, ds.class_names).to(device)
+        anchor_fn = make_anchor_fn(args, model, bank, text_trained)
+        if is_main():
+            ensure_writable_dir(results_dir, "--results_dir")
+        logger = setup_logger(results_dir, "test")
     banner = RANDOM_WEIGHTS_BANNER if args.pretrained == "none" else ""
     if banner:
         logger.info(banner)
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda")
+    loader, counts = shard_loader(ds, args.batch_size, args.num_workers, device)
     suffix = f"_{args.text_context}" if args.variant == "cross_attention" else ""
     for epoch, path in chosen:
         load_image_adapter(model, path)
         t0 = time.perf_counter()
-        maps, scores, masks = predict(model, loader, anchor_fn, bank, domain, device, args.precision,
-                                      f"{args.dataset} epoch {epoch}")
+        local = predict(model, loader, anchor_fn, bank, domain, device, args.precision,
+                        f"{args.dataset} epoch {epoch}") if counts[rank()] else None
+        gathered = gather_rows(local, counts)
+        if not is_main():
+            continue
+        maps, scores, masks = gathered
+        if device.type == "cuda":  # the GPU work (and the transfers from the other ranks) counts as scoring
+            torch.cuda.synchronize(device)
         t1 = time.perf_counter()
         results = evaluate_classes(ds, maps, scores, masks if ds.has_masks else None, domain)
-        logger.info(f"{len(ds)} images: model built in {t_model:.1f} s, images read and scored in {t1 - t0:.1f} s, "
-                    f"metrics in {time.perf_counter() - t1:.1f} s")
+        on = f" on {world_size()} processes" if world_size() > 1 else ""
+        logger.info(f"{len(ds)} images{on}: model built in {t_model:.1f} s, images read and scored in "
+                    f"{t1 - t0:.1f} s, metrics in {time.perf_counter() - t1:.1f} s")
         title = (f"{args.dataset} | {args.variant}{suffix} | {path.name} | {args.model} pretrained={args.pretrained}"
                  + (f"\n{banner}" if banner else ""))
         logger.info("\n" + format_table(results, title))

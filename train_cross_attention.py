@@ -5,6 +5,7 @@ baseline does, with per-image anchors from the frozen Stage-1 model. Same flags 
 
     python train_cross_attention.py --dataset VisA --pretrained ViT-L-14-336px.pt --save_path ckpt/cross_attn
     python train_cross_attention.py ... --init_text_adapter ckpt/baseline/text_adapter.pth   # fair comparison
+    torchrun --standalone --nproc_per_node 2 train_cross_attention.py ...   # on 2 GPUs, as train.py
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from forward_utils_cross_attention import (CROSS_ATTN_CKPT, build_cross_attentio
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention
 from train import (get_parser as get_base_parser, load_dataset, start_run, train_image_adapter, train_text_adapter,
                    training_shot)
-from utils import UserError, autocast, cli_main, load_checkpoint, load_module_state
+from utils import UserError, autocast, cli_main, load_checkpoint, load_module_state, same_outcome
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -106,7 +107,9 @@ def main() -> None:
                         "a text stage")
     device, model, bank, save_dir, logger = start_run(args, "cross_attention", build_with_init)
     if args.sanity_check:
-        for line in sanity_check(model, bank, args, device):
+        with same_outcome():  # every rank checks the same batch: all pass or all stop
+            report = sanity_check(model, bank, args, device)
+        for line in report:
             logger.info(f"sanity check {line}")
     modules = {"text_adapter": model.text_adapter, "text_cross_attn": model.text_cross_attn}
     train_text_adapter(args, model, bank, device, save_dir, logger, modules=modules, ckpt_name=CROSS_ATTN_CKPT,

@@ -1,0 +1,271 @@
+"""Train and evaluate a grid (variants x seeds x test datasets) across the visible GPUs, then compare.
+
+    python sweep.py --variants baseline cross_attn --seeds 1 2 3 --train_dataset VisA \\
+        --test_datasets MVTec BTAD --out ckpt/sweep -- --pretrained ViT-L-14-336px.pt
+    python sweep.py ... --gpus 0 1 --test_flags="--batch_size 16" -- --pretrained ViT-L-14-336px.pt
+
+Each (variant, seed) is one run in <out>/<variant>_seed<seed>: training (train.py or
+train_cross_attention.py with --dataset, --seed, --save_path and the flags after `--`), then test.py on
+each test dataset. Runs go one per GPU (CUDA_VISIBLE_DEVICES), as many at once as there are GPUs; without
+a GPU they run one after another on the CPU (--device cpu). Each job logs to <out>/logs/<job>.log.
+
+A job whose output exists is skipped: training when image_adapter_<image_epoch>.pth exists, an evaluation
+when its results JSON exists (delete them to redo one). A stopped sweep (Ctrl-C, SIGTERM) lets its
+trainings save; the same command resumes them. When every job succeeded, compare.py writes
+<out>/compare_<dataset>.md/.csv for each test dataset, the first variant being the reference.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import test as test_script
+import train
+import train_cross_attention
+from utils import UserError, cli_main
+
+REPO = Path(__file__).resolve().parent
+SCRIPTS = {"baseline": train, "cross_attn": train_cross_attention}
+SET_BY_SWEEP = {"train": ("--save_path", "--dataset", "--seed"), "test": ("--save_path", "--dataset", "--results_dir")}
+
+
+@dataclass
+class Job:
+    """One script call; done when `output` exists."""
+    name: str
+    cmd: list[str]
+    output: Path
+    log: Path
+
+
+@dataclass
+class Run:
+    """A training and the evaluations that need it, run in order on one GPU."""
+    name: str
+    jobs: list[Job]
+
+
+@dataclass
+class Outcome:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s [options] [-- training flags]")
+    p.add_argument("--variants", nargs="+", choices=sorted(SCRIPTS), default=["baseline", "cross_attn"],
+                   help="baseline (train.py) and/or cross_attn (train_cross_attention.py); the first is the "
+                        "reference of the comparison (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[111], help="training seeds (default: %(default)s)")
+    p.add_argument("--train_dataset", default="VisA", help="training set of every run (default: %(default)s)")
+    p.add_argument("--test_datasets", nargs="+", default=["MVTec"],
+                   help="datasets every run is evaluated on (default: %(default)s)")
+    p.add_argument("--out", default="ckpt/sweep",
+                   help="folder of the runs, logs and comparisons (default: %(default)s)")
+    p.add_argument("--gpus", nargs="+", default=None,
+                   help="GPU ids to use, one job at a time on each (default: every visible GPU; none: the CPU)")
+    p.add_argument("--test_flags", default="",
+                   help='extra test.py flags for every evaluation, one string: '
+                        '--test_flags="--batch_size 16 --visualize"')
+    p.add_argument("--dry_run", action="store_true",
+                   help="list the jobs, done or to do, and their commands; run nothing")
+    return p
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(sweep flags, training flags after `--`)."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def check_flags(flags: list[str], parser: argparse.ArgumentParser, kind: str,
+                required: list[str]) -> argparse.Namespace:
+    """Parses the extra `kind` flags with the script's own parser (so a typo stops the sweep before it starts)."""
+    owned = [f for f in flags if f.split("=")[0] in SET_BY_SWEEP[kind]]
+    if owned:
+        raise UserError(f"{', '.join(owned)}: the sweep sets {', '.join(SET_BY_SWEEP[kind])} of each {kind} job; "
+                        "drop them from the extra flags")
+    args, unknown = parser.parse_known_args(required + flags)
+    if unknown:
+        raise UserError(f"unknown {kind} flag(s) {' '.join(unknown)}; see python "
+                        f"{'test.py' if kind == 'test' else 'train.py'} --help")
+    return args
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids a child may be given with CUDA_VISIBLE_DEVICES."""
+    if not torch.cuda.is_available():
+        return []
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def build_runs(args: argparse.Namespace, train_flags: list[str], test_flags: list[str], test_args: argparse.Namespace,
+               cpu: bool) -> list[Run]:
+    """Every (seed, variant) run with its jobs; on the CPU the scripts get --device cpu (a later --device in
+    the extra flags wins)."""
+    out, logs = Path(args.out), Path(args.out) / "logs"
+    device = ["--device", "cpu"] if cpu else []
+    epochs = {v: check_flags(train_flags, SCRIPTS[v].get_parser(), "train", []).image_epoch for v in args.variants}
+    if min(epochs.values()) < 1:
+        raise UserError("--image_epoch 0 trains no image adapter: nothing to evaluate")
+    runs = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            name, save = f"{variant}_seed{seed}", out / f"{variant}_seed{seed}"
+            last = test_args.epoch if test_args.epoch is not None else epochs[variant]
+            suffix = f"_{test_args.text_context or 'image'}" if variant == "cross_attn" else ""
+            jobs = [Job(f"{name} train", [sys.executable, str(REPO / f"{SCRIPTS[variant].__name__}.py"), "--dataset",
+                                          args.train_dataset, "--seed", str(seed), "--save_path", str(save),
+                                          *device, *train_flags],
+                        save / f"image_adapter_{epochs[variant]}.pth", logs / f"{name}_train.log")]
+            for dataset in args.test_datasets:
+                jobs.append(Job(f"{name} test {dataset}",
+                                [sys.executable, str(REPO / "test.py"), "--save_path", str(save), "--dataset", dataset,
+                                 *device, *test_flags],
+                                save / "results" / f"{dataset}_epoch{last}{suffix}.json",
+                                logs / f"{name}_test_{dataset}.log"))
+            runs.append(Run(name, jobs))
+    return runs
+
+
+class Runner:
+    """Runs each `Run`'s jobs in order on one GPU slot, the slots in parallel; stops starting jobs after
+    SIGINT/SIGTERM (which the running jobs also get: trainings save and stop)."""
+
+    def __init__(self, slots: list[str | None]):
+        self.slots = slots
+        self.outcome = Outcome()
+        self.stopping = threading.Event()
+        self.signum = 0
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+
+    def run_all(self, runs: list[Run]) -> Outcome:
+        queue = list(runs)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            threads = [threading.Thread(target=self._worker, args=(slot, queue)) for slot in self.slots]
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self.outcome
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.signum = signum
+        self.stopping.set()
+        with self.lock:
+            for proc in self.running:
+                if signum == signal.SIGTERM:  # Ctrl-C reaches the jobs by itself, a SIGTERM only the sweep
+                    proc.send_signal(signum)
+        print(f"sweep: stopping on signal {signum}; running jobs save and exit, rerun the same command to resume",
+              flush=True)
+
+    def _worker(self, slot: str | None, queue: list[Run]) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                if not queue:
+                    return
+                run = queue.pop(0)
+            for job in run.jobs:
+                if not self._execute(job, slot):
+                    break
+
+    def _execute(self, job: Job, slot: str | None) -> bool:
+        """Runs `job` unless its output exists; True when it is done."""
+        if job.output.exists():
+            print(f"skip {job.name}: {job.output} exists", flush=True)
+            self.outcome.skipped.append(job.name)
+            return True
+        if self.stopping.is_set():
+            return False
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"start {job.name} on {'cpu' if slot is None else f'gpu {slot}'}, log {job.log}", flush=True)
+        t0 = time.perf_counter()
+        with open(job.log, "a") as log:
+            log.write(f"$ {shlex.join(job.cmd)}\n")
+            log.flush()
+            with self.lock:
+                proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                self.running.add(proc)
+            code = proc.wait()
+            with self.lock:
+                self.running.discard(proc)
+        if code == 0 and job.output.exists():
+            print(f"done {job.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+            self.outcome.ran.append(job.name)
+            return True
+        if self.stopping.is_set():
+            print(f"stopped {job.name} (exit {code})", flush=True)
+            return False
+        why = f"exit {code}" if code else f"exit 0 but no {job.output}"
+        print(f"FAILED {job.name} ({why}), see {job.log}", flush=True)
+        self.outcome.failed.append(f"{job.name} ({why}): {job.log}")
+        return False
+
+
+def compare_commands(args: argparse.Namespace, test_args: argparse.Namespace) -> list[list[str]]:
+    """compare.py per test dataset, one arm per variant (its seeds' runs)."""
+    out = Path(args.out)
+    arms = [f"{v}=" + ",".join(str(out / f"{v}_seed{s}") for s in args.seeds) for v in args.variants]
+    context = ["--text_context", test_args.text_context] if test_args.text_context else []
+    epoch = ["--epoch", str(test_args.epoch)] if test_args.epoch is not None else []
+    return [[sys.executable, str(REPO / "compare.py"), *arms, "--dataset", d, "--out", str(out / f"compare_{d}"),
+             *context, *epoch] for d in args.test_datasets]
+
+
+@cli_main
+def main() -> None:
+    own, train_flags = split_argv(sys.argv[1:])
+    args = get_parser().parse_args(own)
+    for key in ("variants", "seeds", "test_datasets"):  # a repeated value would run twice into one folder
+        setattr(args, key, list(dict.fromkeys(getattr(args, key))))
+    test_flags = shlex.split(args.test_flags)
+    test_args = check_flags(test_flags, test_script.get_parser(), "test", ["--save_path", args.out])
+    gpus = args.gpus if args.gpus is not None else visible_gpus()
+    runs = build_runs(args, train_flags, test_flags, test_args, cpu=not gpus)
+    if args.dry_run:
+        for job in (j for r in runs for j in r.jobs):
+            print(f"{'done' if job.output.exists() else 'todo'} {job.name}: {shlex.join(job.cmd)}")
+        return
+    print(f"sweep: {len(runs)} runs on {', '.join(f'gpu {g}' for g in gpus) if gpus else 'the cpu'}", flush=True)
+    runner = Runner(gpus or [None])
+    outcome = runner.run_all(runs)
+    print(f"sweep: {len(outcome.ran)} jobs ran, {len(outcome.skipped)} skipped (done before), "
+          f"{len(outcome.failed)} failed", flush=True)
+    if outcome.failed:
+        raise UserError("failed jobs (rerun the same command to retry them; finished jobs are skipped):\n  "
+                        + "\n  ".join(outcome.failed))
+    if runner.signum:
+        sys.exit(128 + runner.signum)
+    for cmd in compare_commands(args, test_args):
+        if subprocess.call(cmd) != 0:
+            raise UserError(f"compare.py failed: {shlex.join(cmd)}")
+
+
+if __name__ == "__main__":
+    main()

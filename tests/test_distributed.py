@@ -1,0 +1,165 @@
+"""torchrun on the CPU (2 gloo processes, tiny model): training and evaluation agree with one process,
+a SIGTERM'd run resumes exactly, and bad input stops every rank with one message."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from dataset.make_metadata import build_metadata
+from dataset.synthetic import make_synthetic
+from utils import shard
+
+REPO = Path(__file__).resolve().parents[1]
+# One thread per process: two ranks share the two CI cores, and thread counts can change low bits.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+LR = 5e-4  # --image_lr (the default)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic(str(root / "syn"), seed=0, size=64, n_normal=3, n_anomalous=3, n_train=0,
+                   classes=["disc", "stripes"])
+    build_metadata("Synthetic", str(root / "syn"), layout="mvtec", out_dir=str(root / "meta"), shots=(2,))
+    return root
+
+
+def common(data):
+    """12 full-shot samples: Stage 1 batches of 5 (5, 5, 2: uneven slices), Stage 2 batches of 11 (11, 1:
+    rank 1's slice of the second is empty). The orthogonality term, the one that is not a mean over
+    samples, weighs enough to show in the gradient."""
+    return ["--model", "tiny", "--image_size", "56", "--dataset", "Synthetic", "--data_root", str(data / "syn"),
+            "--metadata_dir", str(data / "meta"), "--training_mode", "full_shot", "--text_batch_size", "5",
+            "--image_batch_size", "11", "--num_workers", "0", "--device", "cpu", "--precision", "fp32",
+            "--text_norm_weight", "100"]
+
+
+def launch(script, argv, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *argv]
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def torchrun(script, argv, expect=0):
+    proc = launch(script, argv)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == expect, err[-3000:]
+    return out, err
+
+
+def ckpt(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_rank_slices_split_each_global_batch():
+    order = train.EpochSampler(12, seed=3)
+    slices = [list(train.RankSlices(order, 5, r, 2)) for r in range(2)]
+    assert [len(s) for s in slices[0]] == [3, 3, 1] and [len(s) for s in slices[1]] == [2, 2, 1]
+    assert [a + b for a, b in zip(*slices)] == [order.items[i:i + 5] for i in (0, 5, 10)]
+    assert list(train.RankSlices(train.EpochSampler(12, 3), 11, 1, 2))[1] == []
+    assert train.collate_or_none([]) is None
+    assert [list(shard(7, 3, i)) for i in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """The same baseline training in one process (in-process) and in two (torchrun)."""
+    out = tmp_path_factory.mktemp("runs")
+    argv = common(data) + ["--text_epoch", "1", "--image_epoch", "2"]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sys, "argv", ["train.py", *argv, "--save_path", str(out / "one")])
+    train.main()
+    mp.undo()
+    torchrun("train.py", argv + ["--save_path", str(out / "two")])
+    return out
+
+
+def epoch_losses(run):
+    return [line.split("loss ")[-1] for line in (run / "train.log").read_text().splitlines() if "/2: loss" in line
+            or "/1: loss" in line]
+
+
+def test_two_processes_train_like_one(runs):
+    """Same weights up to float reduction order: each rank's gradient is summed in another order than
+    one process's. The optimizer moments (running means of the gradient, Adam's only scale-sensitive
+    state) agree to 1e-5 relative; Adam divides the gradient by its own magnitude, so a weight whose
+    gradient is near zero can move by up to a step (lr) differently; every weight stays within lr / 2."""
+    one, two = runs / "one", runs / "two"
+    assert epoch_losses(one) == epoch_losses(two) and len(epoch_losses(one)) == 3
+    assert "2 processes on cpu" in (two / "train.log").read_text()
+    for name, module, optimizer in [("text_adapter.pth", "text_adapter", "text_optimizer"),
+                                    ("image_adapter.pth", "image_adapter", "image_optimizer")]:
+        a, b = ckpt(one / name), ckpt(two / name)
+        for key in a[module]:
+            diff = (a[module][key] - b[module][key]).abs()
+            assert diff.max() <= LR / 2 and diff.mean() < 1e-6, (name, key, float(diff.max()))
+        for i, state in a[optimizer]["state"].items():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                x, y = state[moment], b[optimizer]["state"][i][moment]
+                assert (x - y).abs().max() <= 1e-5 * x.abs().max(), (name, i, moment)
+    assert sorted(p.name for p in two.glob("image_adapter_*.pth")) == ["image_adapter_1.pth", "image_adapter_2.pth"]
+
+
+def test_two_processes_evaluate_like_one(runs, data):
+    """The results JSON and the per-image scores are byte for byte one process's (3 batches of 5: rank 0
+    scores 10 images, rank 1 two)."""
+    argv = ["--save_path", str(runs / "one"), "--dataset", "Synthetic", "--data_root", str(data / "syn"),
+            "--metadata_dir", str(data / "meta"), "--num_workers", "0", "--device", "cpu", "--batch_size", "5"]
+    single = subprocess.run([sys.executable, "test.py", *argv, "--results_dir", str(runs / "eval1")], cwd=REPO,
+                            env=ENV, capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    out, _ = torchrun("test.py", argv + ["--results_dir", str(runs / "eval2")])
+    assert out.count("| mean |") == 1  # rank 0 alone logs
+    for name in ("Synthetic_epoch2.json", "Synthetic_epoch2_images.csv"):
+        assert (runs / "eval1" / name).read_bytes() == (runs / "eval2" / name).read_bytes(), name
+    assert "12 images on 2 processes" in (runs / "eval2" / "test.log").read_text()
+    assert json.loads((runs / "eval2" / "Synthetic_epoch2.json").read_text())["mean"]["image_auroc"] is not None
+
+
+def test_sigterm_under_torchrun_then_resume_equals_uninterrupted(data, tmp_path):
+    """torchrun passes SIGTERM to both ranks; they agree on a step, save (with each rank's RNG state:
+    the cross-attention's dropout differs per rank) and exit; the rerun ends bit for bit where an
+    uninterrupted two-process run ends."""
+    argv = common(data) + ["--text_batch_size", "3", "--image_batch_size", "5", "--text_epoch", "2",
+                           "--image_epoch", "1", "--checkpoint_every", "1"]
+    torchrun("train_cross_attention.py", argv + ["--save_path", str(tmp_path / "full")])
+    cut = launch("train_cross_attention.py", argv + ["--save_path", str(tmp_path / "cut")])
+    first = tmp_path / "cut" / "text_adapter_cross_attn.pth"
+    t0 = time.time()
+    while not first.exists():
+        assert cut.poll() is None, cut.stderr.read()[-3000:]
+        assert time.time() - t0 < 120
+        time.sleep(0.01)
+    cut.send_signal(signal.SIGTERM)
+    cut.communicate(timeout=120)
+    saved = ckpt(first)
+    assert saved["epoch"] < 2 and len(saved.get("rng_ranks", [])) in (0, 2)
+    assert "interrupted by signal 15" in (tmp_path / "cut" / "train.log").read_text()
+    torchrun("train_cross_attention.py", argv + ["--save_path", str(tmp_path / "cut")])
+    for name, modules in [("text_adapter_cross_attn.pth", ["text_adapter", "text_cross_attn"]),
+                          ("image_adapter.pth", ["image_adapter"])]:
+        a, b = ckpt(tmp_path / "full" / name), ckpt(tmp_path / "cut" / name)
+        for module in modules:
+            for key in a[module]:
+                assert torch.equal(a[module][key], b[module][key]), (name, module, key)
+
+
+@pytest.mark.parametrize("script,argv_fn,message", [
+    ("train.py", lambda d, t: common(d) + ["--text_batch_size", "1", "--save_path", str(t / "run")],
+     "--text_batch_size 1 is the global batch"),
+    ("test.py", lambda d, t: ["--save_path", str(t / "missing"), "--device", "cpu"], "does not exist"),
+])
+def test_bad_input_stops_every_rank_with_one_message(data, tmp_path, script, argv_fn, message):
+    """After the process group exists (train.py's batch check) and before (test.py's save path): one
+    `error:` line, both ranks exit 2, nothing written."""
+    _, err = torchrun(script, argv_fn(data, tmp_path), expect=1)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err[-3000:]
+    assert err.count("exitcode  : 2") == 2 and f'File "{REPO}' not in err  # no traceback of ours
+    assert not (tmp_path / "run").exists()
