@@ -82,6 +82,9 @@ def add_data_args(p: argparse.ArgumentParser, default_dataset: str) -> None:
                    help="folder holding <dataset>/full-shot.jsonl and <dataset>/<k>-shot.jsonl "
                         "(made by python -m dataset.make_metadata) (default: %(default)s)")
     g.add_argument("--num_workers", type=int, default=4, help="data loader processes (default: %(default)s)")
+    g.add_argument("--cache_dir", default=None,
+                   help="keep decoded and resized images here as .npy, so later epochs and evaluations skip "
+                        "decoding (default: off)")
 
 
 def get_parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -145,7 +148,8 @@ def metadata_file(args: argparse.Namespace, dataset: str, shot: int | None) -> P
 def load_dataset(args: argparse.Namespace, dataset: str, shot: int | None, **kwargs) -> ADDataset:
     root = args.data_root or get_dataset_info(dataset)["default_root"]
     validate_dataset(root, metadata_file(args, dataset, shot))  # reads file headers only: ~0.1 ms a file
-    return ADDataset(root, str(metadata_file(args, dataset, shot)), image_size=args.image_size, **kwargs)
+    return ADDataset(root, str(metadata_file(args, dataset, shot)), image_size=args.image_size,
+                     cache_dir=getattr(args, "cache_dir", None), **kwargs)
 
 
 class EpochSampler(Sampler):

@@ -171,6 +171,14 @@ def epoch_losses(run: Path) -> list[str]:
             if re.search(r"epoch \d+/\d+: loss", ln)]
 
 
+def max_metric_diff(a: Path, b: Path) -> float:
+    """Largest |difference| between two test.py result files over every class and metric (points)."""
+    x, y = json.loads(a.read_text())["per_class"], json.loads(b.read_text())["per_class"]
+    if x.keys() != y.keys():
+        return float("inf")
+    return max((abs(x[c][m] - y[c][m]) for c in x for m in x[c] if x[c][m] is not None), default=0.0)
+
+
 def main_role(args: argparse.Namespace) -> None:
     n = args.nproc
     work = Path(args.work_dir)
@@ -225,12 +233,16 @@ def main_role(args: argparse.Namespace) -> None:
             wall = launch("test.py", argv, nproc, env)
             scored, metrics = eval_times(results)
             evals[label] = {"wall_s": wall, "scored_s": scored, "metrics_s": metrics, "dir": results}
-        same = {name: (evals["1"]["dir"] / name).read_bytes() == (evals[str(n)]["dir"] / name).read_bytes()
-                for name in ("MVTec_epoch1.json", "MVTec_epoch1_images.csv")}
-        lines += [f"| evaluation metrics (MVTec_epoch1.json, {n_images} images) byte-equal | "
-                  f"{same['MVTec_epoch1.json']} | equal | {'PASS' if same['MVTec_epoch1.json'] else 'FAIL'} |",
-                  f"| per-image scores (MVTec_epoch1_images.csv) byte-equal | {same['MVTec_epoch1_images.csv']} | "
-                  f"equal | {'PASS' if same['MVTec_epoch1_images.csv'] else 'FAIL'} |"]
+        # The metrics' float64 cumulative sums run in parallel on the GPU, so even two 1-process runs differ
+        # in the last bits (1e-14 points measured on an H200); the maps themselves must be identical.
+        diff = max_metric_diff(evals["1"]["dir"] / "MVTec_epoch1.json", evals[str(n)]["dir"] / "MVTec_epoch1.json")
+        same_scores = ((evals["1"]["dir"] / "MVTec_epoch1_images.csv").read_bytes()
+                       == (evals[str(n)]["dir"] / "MVTec_epoch1_images.csv").read_bytes())
+        lines += [f"| evaluation metrics ({n_images} images): max abs difference (points) | {diff:.1e} | 1e-9 | "
+                  f"{'PASS' if diff <= 1e-9 else 'FAIL'} |",
+                  f"| per-image scores (MVTec_epoch1_images.csv) byte-equal | {same_scores} | "
+                  f"equal | {'PASS' if same_scores else 'FAIL'} |"]
+        same = {"metrics_max_abs_diff": diff, "per_image_scores_equal": same_scores}
         speed += [(f"evaluation, images read and scored ({n_images} images, batch {args.eval_batch}), img/s",
                    n_images / evals["1"]["scored_s"], n_images / evals[str(n)]["scored_s"]),
                   ("evaluation end to end (model build, scoring, metrics, files), s",
