@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import train
-from dataset.make_metadata import build_metadata
-from dataset.synthetic import make_synthetic
 from utils import shard
+from conftest import tiny_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread per process: two ranks share the two CI cores, and thread counts can change low bits.
@@ -24,11 +23,7 @@ LR = 5e-4  # --image_lr (the default)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_synthetic(str(root / "syn"), seed=0, size=64, n_normal=3, n_anomalous=3, n_train=0,
-                   classes=["disc", "stripes"])
-    build_metadata("Synthetic", str(root / "syn"), layout="mvtec", out_dir=str(root / "meta"), shots=(2,))
-    return root
+    return tiny_synthetic(tmp_path_factory.mktemp("data"))
 
 
 def common(data):

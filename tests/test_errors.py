@@ -18,9 +18,8 @@ import predict
 import test as test_script
 import train
 import train_cross_attention
-from dataset.make_metadata import build_metadata
-from dataset.synthetic import make_synthetic
 from model import AdaptedCLIP, build_clip
+from conftest import tiny_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,11 +76,7 @@ def has(msg: str, *words: str) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_synthetic(str(root / "syn"), seed=0, size=64, n_normal=2, n_anomalous=3, n_train=0,
-                   classes=["disc", "stripes"])
-    build_metadata("Synthetic", str(root / "syn"), layout="mvtec", out_dir=str(root / "meta"), shots=(2,))
-    return root
+    return tiny_synthetic(tmp_path_factory.mktemp("data"), n_normal=2)
 
 
 def data_args(data: Path) -> list[str]:
