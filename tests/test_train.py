@@ -159,3 +159,26 @@ def test_real_interrupt_then_resume_equals_uninterrupted(data, tmp_path, monkeyp
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     for name in ("text_adapter.pth", "image_adapter.pth"):
         assert_same_state(state(tmp_path / "full" / name), state(tmp_path / "cut" / name))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+    """A NaN loss in Stage 2 stops the run with the step number; the checkpoint of the last finished
+    epoch is left as it was."""
+    argv = common(data) + ["--save_path", str(tmp_path / "run"), "--text_epoch", "1", "--image_epoch", "2"]
+    run(train, [*argv[:-1], "1"], monkeypatch)
+    good = (tmp_path / "run" / "image_adapter.pth").read_bytes()
+    real_step, calls = train.image_adapter_step, []
+
+    def nan_on_second_call(*a, **k):
+        calls.append(1)
+        loss = real_step(*a, **k)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train, "image_adapter_step", nan_on_second_call)
+    with pytest.raises(SystemExit) as exit_info:
+        run(train, argv, monkeypatch)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "loss is nan at epoch 2 step 2" in err and "image_adapter.pth is kept" in err
+    assert (tmp_path / "run" / "image_adapter.pth").read_bytes() == good
+    assert not (tmp_path / "run" / "image_adapter_2.pth").exists()
