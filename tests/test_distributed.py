@@ -152,9 +152,10 @@ def test_sigterm_under_torchrun_then_resume_equals_uninterrupted(data, tmp_path)
 ])
 def test_bad_input_stops_every_rank_with_one_message(data, tmp_path, script, argv_fn, message):
     """After the process group exists (train.py's batch check) and before (test.py's save path): one
-    `error:` line, both ranks exit 2, nothing written."""
+    `error:` line, exit code 2 (torchrun reports the first rank to exit and may stop the other before it
+    exits on its own), no traceback, nothing written."""
     _, err = torchrun(script, argv_fn(data, tmp_path), expect=1)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], err[-3000:]
-    assert err.count("exitcode  : 2") == 2 and f'File "{REPO}' not in err  # no traceback of ours
+    assert "exitcode  : 2" in err and f'File "{REPO}' not in err  # no traceback of ours
     assert not (tmp_path / "run").exists()
