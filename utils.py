@@ -144,8 +144,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """bf16 autocast (fp32 weights, fp32 losses) or a disabled context for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """bf16 autocast (fp32 weights, fp32 losses) or a disabled context for fp32. No weight-cast cache: every
+    adapter weight is used once per forward, and CUDA-graph capture (Stage 2) does not allow the cache."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False)
 
 
 def load_checkpoint(path: str | Path) -> dict:

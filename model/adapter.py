@@ -6,6 +6,8 @@ attention, and runs flash attention under bf16 autocast.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -162,7 +164,8 @@ class AdaptedCLIP(nn.Module):
         })
         xavier_init(self.text_adapter)
         xavier_init(self.image_adapter)
-        self.run_block = block_forward
+        self.compiled_forward: Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]] | None = None
+        self.compiled_batch: dict[bool, int] = {}
 
     @property
     def backbone_dtype(self) -> torch.dtype:
@@ -173,10 +176,13 @@ class AdaptedCLIP(nn.Module):
         without autocast casts; the trained adapters keep fp32 weights and run under autocast."""
         self.clip.to(dtype)
 
-    def compile_blocks(self) -> None:
-        """Runs every transformer block through `torch.compile` (one graph serves all blocks of a kind):
-        fuses the norms, activations and residual adds, and cuts kernel launches for small batches."""
-        self.run_block = torch.compile(block_forward, dynamic=False)
+    def compile_image_forward(self) -> None:
+        """Runs the adapted image path (Stage 2 and test) through `torch.compile`: fuses the norms,
+        activations and residual adds of all blocks (H200, ViT-L at 518 px: test forward 400 -> 433 img/s,
+        Stage 2 at batch 16 138 -> 171 img/s). Compiling takes 20-60 s per grad mode, so only the first
+        batch size seen in each grad mode is compiled; other sizes (a loader's smaller last batch) run
+        eagerly instead of paying another compilation."""
+        self.compiled_forward = torch.compile(self.image_forward, dynamic=False)
 
     def train(self, mode: bool = True) -> "AdaptedCLIP":
         """The frozen CLIP always stays in eval mode."""
@@ -210,7 +216,7 @@ class AdaptedCLIP(nn.Module):
     def text_blocks(self, x: torch.Tensor, adapt: bool, start: int = 0) -> torch.Tensor:
         """Text blocks `start..` each followed by its adapter when `adapt`. x: [N, T, Wt]."""
         for i in range(start, self.text_depth):
-            x = self.run_block(self.clip.transformer.resblocks[i], x, causal=True)
+            x = block_forward(self.clip.transformer.resblocks[i], x, causal=True)
             if adapt:
                 x = self.adapt_text(i, x)
         return x
@@ -228,10 +234,22 @@ class AdaptedCLIP(nn.Module):
         return self.text_head(self.text_blocks(x, adapt), eot, adapt)
 
     # ---------------------------------------------------------------- image
+    def patch_embed(self, image: torch.Tensor) -> torch.Tensor:
+        """CLIP's `conv1` (kernel = stride = patch, no bias) as one matrix product over the flattened
+        patches: cuDNN runs this convolution in bf16 with a slow implicit-GEMM kernel (2.7 ms of an 82 ms
+        test batch of 32 at 518 px on an H200), the matrix product in 0.1 ms. Pixels beyond the last whole
+        patch are dropped, as the convolution drops them. image: [B, 3, S, S] -> [B, N, Wv]."""
+        weight = self.clip.visual.conv1.weight  # [Wv, 3, p, p]
+        p = weight.shape[-1]
+        b, c, h, w = image.shape
+        gh, gw = h // p, w // p
+        patches = image[:, :, : gh * p, : gw * p].reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
+        return patches.reshape(b, gh * gw, c * p * p) @ weight.reshape(weight.shape[0], -1).t()
+
     def embed_image(self, image: torch.Tensor) -> torch.Tensor:
         """Patch embedding, CLS, positional embedding, `ln_pre`. image: [B, 3, S, S] -> [B, 1 + N, Wv]."""
         visual = self.clip.visual
-        x = visual.conv1(image).flatten(2).transpose(1, 2)
+        x = self.patch_embed(image)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
         return visual.ln_pre(x)
@@ -241,6 +259,14 @@ class AdaptedCLIP(nn.Module):
         return self.clip.visual.ln_post(tokens) @ self.clip.visual.proj
 
     def forward(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`image_forward`, compiled where `compile_image_forward` asked for it."""
+        if self.compiled_forward is not None:
+            batch = self.compiled_batch.setdefault(torch.is_grad_enabled(), image.shape[0])
+            if image.shape[0] == batch:
+                return self.compiled_forward(image)
+        return self.image_forward(image)
+
+    def image_forward(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Adapted image path (Stage 2 and test).
 
         image: [B, 3, S, S] -> (seg_tokens: len(levels) x [B, N, D] L2-normalised per patch,
@@ -249,7 +275,7 @@ class AdaptedCLIP(nn.Module):
         x = self.embed_image(image)
         taps = []
         for i in range(max(self.levels)):
-            x = self.run_block(self.clip.visual.transformer.resblocks[i], x)
+            x = block_forward(self.clip.visual.transformer.resblocks[i], x)
             if i < self.image_adapt_until:
                 x = mix_residual(x, self.image_adapter["layer_adapters"][i], self.image_adapt_weight)
             if i + 1 in self.levels:
@@ -274,14 +300,14 @@ class AdaptedCLIP(nn.Module):
         taps: dict[int, torch.Tensor] = {}
         x = self.embed_image(image)
         for i in range(trunk_end):
-            x = self.run_block(blocks[i], x)
+            x = block_forward(blocks[i], x)
             if i + 1 in levels:
                 taps[i + 1] = x[:, 1:]
         plain = x
         for i in range(trunk_end, self.vision_depth):
-            plain = self.run_block(blocks[i], plain)
+            plain = block_forward(blocks[i], plain)
         for i in range(trunk_end, max(levels)):
-            x = self.run_block(blocks[i], x, value_only=True, batch_mixing=self.surgery_batch_mixing)
+            x = block_forward(blocks[i], x, value_only=True, batch_mixing=self.surgery_batch_mixing)
             if i + 1 in levels:
                 taps[i + 1] = x[:, 1:]
         cls = self.project_tokens(plain[:, :1])[:, 0]

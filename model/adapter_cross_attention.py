@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.adapter import AdaptedCLIP
+from model.adapter import AdaptedCLIP, block_forward
 
 
 class CrossAttentionModule(nn.Module):
@@ -72,7 +72,7 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         tokens: [K, P, 77] -> (x [K, P, T, Wt], eot [K, P])."""
         k, p, length = tokens.shape
         x, eot = self.embed_text(tokens.reshape(k * p, length))
-        x = self.run_block(self.clip.transformer.resblocks[0], x, causal=True)
+        x = block_forward(self.clip.transformer.resblocks[0], x, causal=True)
         return x.view(k, p, *x.shape[1:]), eot.view(k, p)
 
     def encode_text_with_context(self, tokens: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,39 @@ def test_image_path_reproduces_open_clip(clip):
         torch.testing.assert_close(cls, clip.encode_image(image), rtol=0, atol=3e-5)
 
 
+def test_patch_embed_equals_conv1(clip):
+    """The patch embedding as one matrix product equals CLIP's strided convolution, also for a size that is
+    not a multiple of the patch (the convolution drops the remainder)."""
+    m = AdaptedCLIP(clip)
+    for size in (SIZE, SIZE + 5):
+        image = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            ref = clip.visual.conv1(image).flatten(2).transpose(1, 2)
+            torch.testing.assert_close(m.patch_embed(image), ref, rtol=0, atol=1e-5)
+
+
+def test_compiled_forward_serves_the_first_batch_size_of_each_grad_mode(clip):
+    """`compile_image_forward`: the first batch size seen with and without grad goes through the compiled
+    function, other sizes run eagerly (no recompilation), and both give `image_forward`'s result."""
+    m = AdaptedCLIP(clip)
+    m.compile_image_forward()
+    calls = []
+
+    def recording(image):
+        calls.append((image.shape[0], torch.is_grad_enabled()))
+        return m.image_forward(image)
+
+    m.compiled_forward = recording
+    images = {b: torch.randn(b, 3, SIZE, SIZE) for b in (1, 2)}
+    for b, grad in [(2, True), (1, True), (2, True), (1, False), (2, False)]:
+        with torch.set_grad_enabled(grad):
+            seg, det = m(images[b])
+            ref_seg, ref_det = m.image_forward(images[b])
+        torch.testing.assert_close(det, ref_det, rtol=0, atol=0)
+        torch.testing.assert_close(seg, ref_seg, rtol=0, atol=0)
+    assert calls == [(2, True), (2, True), (1, False)]
+
+
 def test_adapted_forward_against_manual(clip):
     """The adapted forward recomputed by hand from open_clip blocks and the adapter formula."""
     m = AdaptedCLIP(clip, image_adapt_weight=0.3)

@@ -10,6 +10,7 @@ Prints a Markdown table and writes <out>.md / <out>.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -31,7 +32,7 @@ from forward_utils import (PromptBank, anomaly_map, class_anchor_fn, get_adapted
 from forward_utils_cross_attention import cross_attention_anchor_fn  # noqa: E402
 from model import AdaptedCLIP, build_clip, get_tokenizer  # noqa: E402
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention  # noqa: E402
-from train import image_adapter_step, text_adapter_step  # noqa: E402
+from train import CudaGraphForward, image_adapter_step, text_adapter_step  # noqa: E402
 from utils import RANDOM_WEIGHTS_BANNER, autocast, cli_main  # noqa: E402
 
 MVTEC_CLASSES = list(get_dataset_info("MVTec")["classes"])
@@ -89,9 +90,12 @@ def fake_batch(b: int, size: int, device: torch.device, seed: int = 0) -> dict:
 
 
 def bench_steps(model_name: str, size: int, precision: str, device: torch.device, steps: int,
-                cfg: argparse.Namespace, compile_blocks: bool = False) -> list[dict]:
-    """Training steps and the test forward of both variants at one precision."""
-    rows = []
+                cfg: argparse.Namespace, compiled: bool = False) -> tuple[list[dict], dict]:
+    """Training steps and the test forward at one precision. Stage 2 runs eagerly and through
+    `CudaGraphForward` (what train.py runs on CUDA) from the same adapter weights on the same batch, and
+    the losses of the two are compared step by step. `compiled`: only the rows `--compile` changes (Stage 2
+    and the test forward, with the image forward compiled). Returns the rows and the loss agreement."""
+    rows, agreement = [], {}
     torch.manual_seed(0)
     clip = build_clip(model_name, "none", size)
     base = AdaptedCLIP(clip).to(device)
@@ -99,32 +103,26 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
     cross.text_adapter.load_state_dict(base.text_adapter.state_dict())
     if precision == "bf16":
         base.set_backbone_dtype(torch.bfloat16)  # shared with `cross`
-    if compile_blocks:
-        base.compile_blocks()
-        cross.compile_blocks()
-        precision_label = precision + "+compile"
-    else:
-        precision_label = precision
+    label = precision + ("+compile" if compiled else "")
     flops = model_flops(base)
     bank = PromptBank(get_tokenizer(model_name), "MVTec", MVTEC_CLASSES).to(device)
     # "amp": bf16 autocast over the fp32-stored backbone; "bf16": the backbone stored and run in bf16.
     args = argparse.Namespace(precision="fp32" if precision == "fp32" else "bf16", stage1_all_levels=False,
                               text_norm_weight=0.1)
 
-    def record(name, batch, seconds, flop, extra=None):
+    def record(name, batch, seconds, flop):
         ips = batch / seconds
-        rows.append({"benchmark": name, "precision": precision_label, "batch": batch, "ms": seconds * 1000,
+        rows.append({"benchmark": name, "precision": label, "batch": batch, "ms": seconds * 1000,
                      "img_s": ips, "tflops": flop * ips / 1e12 if flop else None,
-                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                     **(extra or {})})
-        print(f"  {name:<28} {precision_label} batch {batch:>2}: {ips:8.1f} img/s", flush=True)
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})
+        print(f"  {name:<28} {label} batch {batch:>2}: {ips:8.1f} img/s", flush=True)
 
     def reset():
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-    for name, model, fn_factory in [
+    for name, model, fn_factory in [] if compiled else [
         ("stage 1 baseline", base, lambda m: class_anchor_fn(m, bank, adapt=True, grad=True)),
         ("stage 1 cross-attention", cross, lambda m: cross_attention_anchor_fn(m, bank, "image")),
     ]:
@@ -135,26 +133,41 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
         opt = torch.optim.Adam(params, lr=1e-5, betas=(0.5, 0.999))
         anchor_fn = fn_factory(model)
         model.train()
-        losses = []
-        t = cuda_time(lambda: losses.append(text_adapter_step(model, batch, opt, anchor_fn, bank, args, device)),
-                      steps, 2, device)
+        t = cuda_time(lambda: text_adapter_step(model, batch, opt, anchor_fn, bank, args, device), steps, 2, device)
         record(name, cfg.stage1_batch, t, flops["stage1"])
 
+    base.text_adapter.requires_grad_(False)  # as after Stage 1
+    anchor_fn = class_anchor_fn(base, bank, adapt=True)
+    start = copy.deepcopy(base.image_adapter.state_dict())
+    base.train()
     for b in cfg.stage2_batches:
-        reset()
         batch = fake_batch(b, size, device)
-        opt = torch.optim.Adam(base.image_adapter.parameters(), lr=5e-4, betas=(0.5, 0.999))
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [16000, 32000], 0.5)
-        anchor_fn = class_anchor_fn(base, bank, adapt=True)
-        base.train()
-        t = cuda_time(lambda: image_adapter_step(base, batch, opt, sched, anchor_fn, bank, args, device),
-                      steps, 3, device)
-        record("stage 2", b, t, flops["stage2"])
+        if compiled:  # a fresh compilation for this batch size
+            base.compiled_batch = {}
+            base.compile_image_forward()
+        losses = {}
+        graphs = [True] if compiled else ([False, True] if device.type == "cuda" else [False])
+        for graph in graphs:
+            reset()
+            base.image_adapter.load_state_dict(start)
+            opt = torch.optim.Adam(base.image_adapter.parameters(), lr=5e-4, betas=(0.5, 0.999))
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, [16000, 32000], 0.5)
+            forward = CudaGraphForward(base, b, args.precision, device) if graph else None
+            out = losses.setdefault(graph, [])
+            t = cuda_time(lambda: out.append(image_adapter_step(base, batch, opt, sched, anchor_fn, bank, args,
+                                                                device, image_forward=forward)), steps, 3, device)
+            record("stage 2 (CUDA graph)" if graph else "stage 2 (eager)", b, t, flops["stage2"])
+        for graph, values in losses.items():
+            kind = ("graph + compile" if compiled else "CUDA graph") if graph else "eager"
+            agreement[f"stage 2 batch {b} losses ({kind})"] = [float(x) for x in values]
+        if len(losses) == 2:
+            eager, graphed = (torch.stack(losses[k]).double().cpu() for k in (False, True))
+            agreement[f"stage 2 batch {b}: CUDA graph vs eager, max relative loss difference over "
+                      f"{len(eager)} steps"] = float(((graphed - eager).abs() / eager.abs()).max())
 
     base.eval()
     reset()
     batch = fake_batch(cfg.test_batch, size, device)
-    anchor_fn = class_anchor_fn(base, bank, adapt=True)
     idx = batch["class_idx"]
 
     @torch.no_grad()
@@ -166,6 +179,8 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
         image_logits(det, anchors)
 
     record("test forward", cfg.test_batch, cuda_time(test_forward, steps, 2, device), flops["test"])
+    if compiled:
+        return rows, agreement
 
     reset()
 
@@ -175,10 +190,10 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
             get_adapted_text_embedding(base, bank, adapt=True)
 
     t = cuda_time(anchors_all, steps, 2, device)
-    rows.append({"benchmark": f"text anchors ({len(MVTEC_CLASSES)} classes)", "precision": precision_label, "batch": None,
+    rows.append({"benchmark": f"text anchors ({len(MVTEC_CLASSES)} classes)", "precision": label, "batch": None,
                  "ms": t * 1000, "img_s": None, "tflops": None, "peak_gib": None})
     print(f"  text anchors: {t * 1000:.1f} ms", flush=True)
-    return rows
+    return rows, agreement
 
 
 def _write_sample(job: tuple[str, int, int, bool]) -> None:
@@ -338,7 +353,7 @@ def main() -> None:
     p.add_argument("--model", default="ViT-L-14-336", help="open_clip model (default: %(default)s)")
     p.add_argument("--image_size", type=int, default=518, help="input size (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-    p.add_argument("--precisions", nargs="+", default=["bf16", "amp", "fp32"],
+    p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"],
                    help="bf16: backbone stored in bf16 (what --precision bf16 runs); amp: bf16 autocast over the "
                         "fp32 backbone; fp32")
     p.add_argument("--steps", type=int, default=10, help="timed steps per benchmark (median) (default: %(default)s)")
@@ -350,17 +365,30 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader processes")
     p.add_argument("--work_dir", default="/tmp/aaclip_bench", help="where the synthetic set is written")
     p.add_argument("--skip_steps", action="store_true", help="only the full evaluation")
-    p.add_argument("--compile", action="store_true", help="also time bf16 with compiled transformer blocks")
+    p.add_argument("--compile", action="store_true",
+                   help="also time Stage 2 and the test forward in bf16 with the image forward compiled (--compile)")
     p.add_argument("--out", default="results/benchmark", help="writes <out>.md and <out>.json")
     args = p.parse_args()
     device = torch.device(args.device)
     print(RANDOM_WEIGHTS_BANNER, flush=True)
-    rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows, stage2_agreement = [], {}
     if not args.skip_steps:
-        for precision in args.precisions:
-            rows += bench_steps(args.model, args.image_size, precision, device, args.steps, args)
-        if args.compile:
-            rows += bench_steps(args.model, args.image_size, "bf16", device, args.steps, args, compile_blocks=True)
+        runs = [(precision, False) for precision in args.precisions] + ([("bf16", True)] if args.compile else [])
+        for precision, compiled in runs:
+            new_rows, agreement = bench_steps(args.model, args.image_size, precision, device, args.steps, args,
+                                              compiled)
+            rows += new_rows
+            stage2_agreement.update({f"{precision}, {k}": v for k, v in agreement.items()})
+            out.with_suffix(".partial.json").write_text(json.dumps({"rows": rows, "stage2": stage2_agreement}))
+            for b in args.stage2_batches:
+                eager = stage2_agreement.get(f"bf16, stage 2 batch {b} losses (eager)")
+                fast = stage2_agreement.get(f"bf16, stage 2 batch {b} losses (graph + compile)")
+                if eager and fast:
+                    e, f = torch.tensor(eager, dtype=torch.float64), torch.tensor(fast, dtype=torch.float64)
+                    stage2_agreement[f"bf16, stage 2 batch {b}: CUDA graph + compile vs eager, max relative loss "
+                                     f"difference over {len(e)} steps"] = float(((f - e).abs() / e.abs()).max())
     evals, diffs = {}, {}
     if args.eval_images:
         root = Path(args.work_dir)
@@ -387,12 +415,14 @@ def main() -> None:
     text = markdown(rows, evals, diffs, loss_diffs, device_name)
     if agreement:
         text += "\n\nAnomaly maps, fp32 vs bf16 (8 images): " + ", ".join(f"{k} {v:.4g}" for k, v in agreement.items())
+    if stage2_agreement:
+        text += "\n\nStage 2 paths from the same weights on the same batch:\n" + "\n".join(
+            f"- {k}: {v:.3g}" for k, v in stage2_agreement.items() if isinstance(v, float))
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "evals": {k: v["seconds"] for k, v in evals.items()},
                                                     "metric_diffs": diffs, "losses": loss_diffs, "map_agreement": agreement,
+                                                    "stage2_agreement": stage2_agreement,
                                                     "device": device_name, "argv": sys.argv}, indent=2))
 
 
