@@ -122,6 +122,7 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
+    text_start = copy.deepcopy(base.text_adapter.state_dict())
     for name, model, fn_factory in [] if compiled else [
         ("stage 1 baseline", base, lambda m: class_anchor_fn(m, bank, adapt=True, grad=True)),
         ("stage 1 cross-attention", cross, lambda m: cross_attention_anchor_fn(m, bank, "image")),
@@ -136,6 +137,7 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
         t = cuda_time(lambda: text_adapter_step(model, batch, opt, anchor_fn, bank, args, device), steps, 2, device)
         record(name, cfg.stage1_batch, t, flops["stage1"])
 
+    base.text_adapter.load_state_dict(text_start)  # Stage 2 from the same weights with and without --compile
     base.text_adapter.requires_grad_(False)  # as after Stage 1
     anchor_fn = class_anchor_fn(base, bank, adapt=True)
     start = copy.deepcopy(base.image_adapter.state_dict())
