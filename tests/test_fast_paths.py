@@ -1,0 +1,94 @@
+"""The speed paths compute what the plain path computes: Stage 2 through CUDA graphs, the compiled image
+forward. The CUDA tests run where a GPU is (the CPU CI skips them); docs/benchmarks.md has the same checks
+at the real shapes."""
+import argparse
+import copy
+
+import pytest
+import torch
+
+from forward_utils import PromptBank, class_anchor_fn
+from model import AdaptedCLIP, build_clip, get_tokenizer
+from train import CudaGraphForward, image_adapter_step
+
+SIZE = 56
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_model(device: str) -> AdaptedCLIP:
+    torch.manual_seed(0)
+    model = AdaptedCLIP(build_clip("tiny", "none", SIZE)).to(device)
+    model.text_adapter.requires_grad_(False)
+    return model.train()
+
+
+def test_cuda_graph_forward_runs_other_batch_sizes_eagerly():
+    """A batch of another size than the graphed one is `model(images)` itself and captures nothing (so it
+    also runs on the CPU)."""
+    model = tiny_model("cpu")
+    forward = CudaGraphForward(model, batch_size=2, precision="fp32", device=torch.device("cpu"))
+    images = torch.randn(1, 3, SIZE, SIZE)
+    seg, det = forward(images)
+    ref_seg, ref_det = model(images)
+    assert forward.graphed is None
+    torch.testing.assert_close(det, ref_det, rtol=0, atol=0)
+    for a, b in zip(seg, ref_seg):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def stage2_run(model: AdaptedCLIP, start: dict, batches: list[dict], forward) -> tuple[list[float], dict]:
+    """Stage-2 steps from the adapter weights `start`; returns the losses and the final weights."""
+    device = torch.device("cuda")
+    model.image_adapter.load_state_dict(start)
+    bank = PromptBank(get_tokenizer("tiny"), "MVTec", ["bottle", "screw"]).to(device)
+    # SGD: the update is proportional to the gradient, so the comparison sees the gradients' differences
+    # (Adam would turn rounding-level differences of near-zero gradients into lr-sized steps).
+    opt = torch.optim.SGD(model.image_adapter.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [16000, 32000], 0.5)
+    args = argparse.Namespace(precision="fp32")
+    anchor_fn = class_anchor_fn(model, bank, adapt=True)
+    losses = [float(image_adapter_step(model, b, opt, sched, anchor_fn, bank, args, device, image_forward=forward))
+              for b in batches]
+    return losses, copy.deepcopy(model.image_adapter.state_dict())
+
+
+def fake_batches(n: int, sizes: list[int]) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for b in sizes[:n]:
+        mask = (torch.rand(b, 1, SIZE, SIZE, generator=g) > 0.9).float()
+        mask[0] = 0
+        out.append({"image": torch.randn(b, 3, SIZE, SIZE, generator=g).cuda(), "mask": mask.cuda(),
+                    "label": (mask.flatten(1).amax(1) > 0).long().cuda(),
+                    "class_idx": torch.arange(b).remainder(2).cuda()})
+    return out
+
+
+@cuda
+def test_cuda_graph_stage2_steps_equal_eager_steps():
+    """Six fp32 Stage-2 steps (the last with a smaller batch, which runs eagerly) through the graphs give
+    the eager run's losses and weights (up to the attention backward's nondeterministic summation order)."""
+    model = tiny_model("cuda")
+    start = copy.deepcopy(model.image_adapter.state_dict())
+    batches = fake_batches(6, [2, 2, 2, 2, 2, 1])
+    eager_losses, eager_state = stage2_run(model, start, batches, None)
+    forward = CudaGraphForward(model, 2, "fp32", torch.device("cuda"))
+    graph_losses, graph_state = stage2_run(model, start, batches, forward)
+    assert forward.graphed is not None
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-5, atol=0)
+    for k in eager_state:
+        torch.testing.assert_close(graph_state[k], eager_state[k], rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_compiled_image_forward_equals_eager():
+    model = tiny_model("cuda").eval()
+    images = torch.randn(3, 3, SIZE, SIZE, device="cuda")
+    with torch.no_grad():
+        ref_seg, ref_det = model.image_forward(images)
+        model.compile_image_forward()
+        seg, det = model(images)
+    assert model.compiled_batch == {False: 3}
+    torch.testing.assert_close(det, ref_det, rtol=1e-4, atol=1e-5)
+    for a, b in zip(seg, ref_seg):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
