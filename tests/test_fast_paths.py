@@ -67,7 +67,7 @@ def fake_batches(n: int, sizes: list[int]) -> list[dict]:
 @cuda
 def test_cuda_graph_stage2_steps_equal_eager_steps():
     """Six fp32 Stage-2 steps (the last with a smaller batch, which runs eagerly) through the graphs give
-    the eager run's losses and weights (up to the attention backward's nondeterministic summation order)."""
+    the eager run's losses and weights (up to the fused attention backward's nondeterministic summation order)."""
     model = tiny_model("cuda")
     start = copy.deepcopy(model.image_adapter.state_dict())
     batches = fake_batches(6, [2, 2, 2, 2, 2, 1])
