@@ -337,8 +337,13 @@ class CudaGraphForward:
             return self.model(images)
         if self.graphed is None:
             module = _ImageForward(self.model).train(self.model.training)
-            with autocast(self.device, self.precision):
-                self.graphed = torch.cuda.make_graphed_callables(module, (images.clone(),))
+            try:
+                with autocast(self.device, self.precision):
+                    self.graphed = torch.cuda.make_graphed_callables(module, (images.clone(),))
+            except RuntimeError as e:
+                raise UserError(f"capturing Stage 2's CUDA graph failed ({str(e).splitlines()[0]}); run the same "
+                                "command with --no_cuda_graph (it resumes from the last checkpoint), and add "
+                                "--debug for the traceback") from e
         return self.graphed(images)
 
 

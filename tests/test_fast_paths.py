@@ -10,6 +10,7 @@ import torch
 from forward_utils import PromptBank, class_anchor_fn
 from model import AdaptedCLIP, build_clip, get_tokenizer
 from train import CudaGraphForward, image_adapter_step
+from utils import UserError
 
 SIZE = 56
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -34,6 +35,17 @@ def test_cuda_graph_forward_runs_other_batch_sizes_eagerly():
     torch.testing.assert_close(det, ref_det, rtol=0, atol=0)
     for a, b in zip(seg, ref_seg):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cuda_graph_capture_failure_names_the_fix(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fail)
+    forward = CudaGraphForward(tiny_model("cpu"), batch_size=1, precision="fp32", device=torch.device("cpu"))
+    with pytest.raises(UserError, match=r"CUDA graph failed \(operation not permitted when stream is capturing\); "
+                                        r"run the same command with --no_cuda_graph"):
+        forward(torch.randn(1, 3, SIZE, SIZE))
 
 
 def stage2_run(model: AdaptedCLIP, start: dict, batches: list[dict], forward) -> tuple[list[float], dict]:
