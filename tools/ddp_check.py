@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from forward_utils import PromptBank, class_anchor_fn  # noqa: E402
 from model import AdaptedCLIP, build_clip, get_tokenizer  # noqa: E402
 from tools.benchmark import MVTEC_CLASSES, fake_batch, fake_run, make_mvtec_like  # noqa: E402
-from train import GradMean, image_adapter_step, text_adapter_step  # noqa: E402
+from train import CudaGraphForward, GradMean, image_adapter_step, text_adapter_step  # noqa: E402
 from utils import (RANDOM_WEIGHTS_BANNER, close_distributed, init_distributed, is_main, rank, shard,  # noqa: E402
                    world_size)
 
@@ -111,7 +111,11 @@ def steps_role(args: argparse.Namespace) -> None:
         anchor_fn = class_anchor_fn(model, bank, adapt=True)
         grad_mean = GradMean(list(model.image_adapter.parameters())) if world_size() > 1 else None
         model.train()
-        return run_steps(lambda b: image_adapter_step(model, b, opt, sched, anchor_fn, bank, cfg, device, grad_mean),
+        # As train.py: on CUDA each full slice replays a CUDA graph.
+        local_batch = len(shard(args.batch, world_size(), rank()))
+        graphed = CudaGraphForward(model, local_batch, prec, device) if device.type == "cuda" else None
+        return run_steps(lambda b: image_adapter_step(model, b, opt, sched, anchor_fn, bank, cfg, device, grad_mean,
+                                                      graphed),
                          args.steps, args.warmup, args.batch, args.image_size, device)
 
     out["stage2_fp32"] = stage2("fp32")
