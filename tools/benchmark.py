@@ -1,10 +1,12 @@
 """Speed, memory and bf16 numerics at the real shapes (ViT-L-14-336 at 518 px, random weights).
 
-    python tools/benchmark.py --out results/benchmark            # on a CUDA machine
+    python tools/benchmark.py --compile --out results/benchmark  # on a CUDA machine
     python tools/benchmark.py --model tiny --image_size 112 --steps 3 --eval_images 40   # CPU smoke run
 
 Times training steps and the test forward with CUDA events after warm-up (median of --steps), and a whole
-evaluation (MVTec-sized synthetic set written to disk, every metric) end to end, in fp32 and bf16.
+evaluation (MVTec-sized synthetic set written to disk, every metric) end to end, in fp32 and bf16. Stage 2 runs
+eagerly and through CUDA graphs (train.py's default on CUDA) and their losses are compared; --compile adds
+Stage 2 and the test forward with the image forward compiled.
 Prints a Markdown table and writes <out>.md / <out>.json.
 """
 from __future__ import annotations
@@ -357,7 +359,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"],
                    help="bf16: backbone stored in bf16 (what --precision bf16 runs); amp: bf16 autocast over the "
-                        "fp32 backbone; fp32")
+                        "fp32 backbone; fp32 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per benchmark (median) (default: %(default)s)")
     p.add_argument("--stage1_batch", type=int, default=16, help="Stage-1 batch (default: %(default)s)")
     p.add_argument("--stage2_batches", type=int, nargs="+", default=[2, 16], help="Stage-2 batches")
