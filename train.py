@@ -71,7 +71,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="bf16 autocast (fp32 weights and losses) or fp32; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the adapted image forward (Stage 2 and test): fused kernels, about 8%% "
-                        "faster testing and 22%% faster Stage 2 on an H200, after 20-60 s of compiling; pays off "
+                        "faster testing and 22%% faster Stage 2 on an H200, after 20-70 s of compiling; pays off "
                         "on long runs, not on one evaluation")
     g.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
 

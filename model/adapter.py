@@ -179,9 +179,9 @@ class AdaptedCLIP(nn.Module):
     def compile_image_forward(self) -> None:
         """Runs the adapted image path (Stage 2 and test) through `torch.compile`: fuses the norms,
         activations and residual adds of all blocks (H200, ViT-L at 518 px: test forward 406 -> 438 img/s,
-        Stage 2 at batch 16 140 -> 170 img/s). Compiling takes 20-60 s per grad mode, so only the first
-        batch size seen in each grad mode is compiled; other sizes (a loader's smaller last batch) run
-        eagerly instead of paying another compilation."""
+        Stage 2 at batch 16 140 -> 170 img/s). Compiling took 20-28 s without grad and 48-69 s with grad
+        there, so only the first batch size seen in each grad mode is compiled; other sizes (a loader's
+        smaller last batch) run eagerly instead of paying another compilation."""
         self.compiled_forward = torch.compile(self.image_forward, dynamic=False)
 
     def train(self, mode: bool = True) -> "AdaptedCLIP":

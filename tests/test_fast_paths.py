@@ -64,10 +64,10 @@ def stage2_run(model: AdaptedCLIP, start: dict, batches: list[dict], forward) ->
     return losses, copy.deepcopy(model.image_adapter.state_dict())
 
 
-def fake_batches(n: int, sizes: list[int]) -> list[dict]:
+def fake_batches(sizes: list[int]) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     out = []
-    for b in sizes[:n]:
+    for b in sizes:
         mask = (torch.rand(b, 1, SIZE, SIZE, generator=g) > 0.9).float()
         mask[0] = 0
         out.append({"image": torch.randn(b, 3, SIZE, SIZE, generator=g).cuda(), "mask": mask.cuda(),
@@ -82,7 +82,7 @@ def test_cuda_graph_stage2_steps_equal_eager_steps():
     the eager run's losses and weights (up to the fused attention backward's nondeterministic summation order)."""
     model = tiny_model("cuda")
     start = copy.deepcopy(model.image_adapter.state_dict())
-    batches = fake_batches(6, [2, 2, 2, 2, 2, 1])
+    batches = fake_batches([2, 2, 2, 2, 2, 1])
     eager_losses, eager_state = stage2_run(model, start, batches, None)
     forward = CudaGraphForward(model, 2, "fp32", torch.device("cuda"))
     graph_losses, graph_state = stage2_run(model, start, batches, forward)
