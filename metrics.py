@@ -167,6 +167,21 @@ def aupro(maps: Tensor, masks: Tensor, max_fpr: float = 0.3) -> float | None:
     return (_trapezoid_up_to(fpr, pro, max_fpr) / max_fpr).item()
 
 
+class NonFiniteError(ValueError):
+    """Maps or scores hold NaN or inf: every metric computed from them would be silently wrong (one inf
+    pixel min-max normalises every other pixel to 0)."""
+
+
+def check_finite(values: Tensor, what: str, class_name: str) -> None:
+    """Raises NonFiniteError naming the class and how many of `values` are NaN or inf."""
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(values).sum())
+        n_bad = values.numel() - int(finite.sum())
+        raise NonFiniteError(f"class {class_name!r}: {n_bad} of {values.numel()} {what} are not finite "
+                             f"({n_nan} NaN, {n_bad - n_nan} inf)")
+
+
 def _min_max(x: Tensor) -> Tensor:
     """Min-max normalise over all elements; a constant input maps to zeros instead of NaN."""
     lo, hi = x.min(), x.max()
@@ -185,15 +200,19 @@ def metrics_eval(
     labels: Tensor,
     masks: Tensor | None,
     domain: str,
+    class_name: str = "?",
 ) -> dict[str, float | None]:
     """Per-class evaluation of spec §7.
 
     pixel_maps: [N, H, W]; image_scores: [N] (the (s + 1) / 2 detection scores); labels: [N]
     (nonzero = anomalous); masks: [N, H, W] bool or None; domain: "Industrial" or "Medical".
-    Returns METRIC_NAMES -> percent, None where undefined.
+    Returns METRIC_NAMES -> percent, None where undefined. Raises NonFiniteError (naming `class_name`)
+    when a map value or score is NaN or inf.
     """
     if domain not in ("Industrial", "Medical"):
         raise ValueError(f"unknown domain {domain!r}")
+    check_finite(pixel_maps, "pixel-map values", class_name)
+    check_finite(image_scores, "image scores", class_name)
     maps = _min_max(pixel_maps)
     map_max = maps.flatten(1).amax(dim=1)
     if domain == "Industrial":

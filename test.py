@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dataset import ADDataset, get_dataset_info
 from forward_utils_cross_attention import CROSS_ATTN_CKPT, cross_attention_anchor_fn, load_cross_attention_model
 from forward_utils import AnchorFn, PromptBank, anomaly_map, class_anchor_fn, image_logits
-from metrics import METRIC_NAMES, mean_metrics, metrics_eval
+from metrics import METRIC_NAMES, NonFiniteError, mean_metrics, metrics_eval
 from model import AdaptedCLIP, get_tokenizer
 from train import ARCH_KEYS, add_data_args, add_model_args, build_model, load_dataset, resolve_precision
 from utils import (RANDOM_WEIGHTS_BANNER, UserError, autocast, cli_main, ensure_writable_dir, gather_rows,
@@ -172,8 +172,12 @@ def evaluate_classes(ds: ADDataset, maps: torch.Tensor, scores: torch.Tensor, ma
     results = {}
     for name in ds.class_names:
         idx = torch.from_numpy(np.flatnonzero(names == name)).to(maps.device)
-        results[name] = metrics_eval(maps[idx], scores[idx], labels[idx], masks[idx] if ds.has_masks else None,
-                                     domain)
+        try:
+            results[name] = metrics_eval(maps[idx], scores[idx], labels[idx],
+                                         masks[idx] if ds.has_masks else None, domain, class_name=name)
+        except NonFiniteError as e:
+            raise UserError(f"{e}: the model's outputs overflowed or the checkpoint holds NaN (a diverged "
+                            "training?); nothing was written. Try --precision fp32, or evaluate another epoch") from None
     return results
 
 

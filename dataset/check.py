@@ -4,10 +4,12 @@
                             [--shot 32] [--classes bottle cable] [--decode]
 
 Checks <metadata_dir>/<dataset>/full-shot.jsonl and the k-shot lists: every line is a valid record, every
-image and mask exists and opens, each mask has its image's size, anomalous samples have a mask when the
-dataset has masks, and no k-shot list holds more samples of a class than the full list. Sizes come from
+image and mask exists and opens, anomalous samples have a mask when the dataset has masks, and no k-shot
+list holds more samples of a class than the full list. A mask of another size than its image is noted, not
+an error: the loader resizes every mask to the input size (nearest), as the original does. Sizes come from
 the file headers (fast); --decode decodes every file fully, which also finds truncated files. Prints a
-report grouped by kind of problem, each group with its fix; exit code 2 when something is wrong, else 0.
+report grouped by kind of problem, each group with its fix; exit code 2 when something is wrong (notes
+alone do not count), else 0.
 
 For the training and test scripts to run at start, on one list: `check_dataset` returns the problems as
 lines, `validate_dataset` raises one DatasetError summarising them.
@@ -37,13 +39,15 @@ FIXES = {
                     f"{MAKE_HINT}",
     "unreadable file": "the file is corrupted or truncated (an interrupted copy or extraction?): copy it again, "
                        "or delete its line",
-    "mask size": "a mask must have its image's width and height: regenerate the mask or fix the pair in the list",
+    "mask size": "note, not an error: the mask is resized to the input size (nearest), as the original does; "
+                 "check the pair if its sizes should match",
     "missing mask": "this dataset has pixel masks, so every anomalous sample needs one: add its mask_path, or "
                     f"rebuild with {MAKE_HINT}",
     "class": f"pass classes the list has, or rebuild with {MAKE_HINT} on a folder that has them",
     "k-shot": f"k-shot lists are drawn from the full list: rebuild both with {MAKE_HINT} --shots K",
 }
 FILE_KINDS = ("data root", "missing file", "unreadable file", "mask size", "missing mask")
+NOTES = ("mask size",)  # reported, but not problems: training and testing handle them
 # What PIL raises for a file that is not (or no longer) an image it can read.
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -55,6 +59,10 @@ class Problem(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.where}: {self.detail}"
+
+    @property
+    def is_note(self) -> bool:
+        return self.kind in NOTES
 
 
 def read_size(path: str | Path, decode: bool = False) -> tuple[int, int]:
@@ -154,8 +162,9 @@ def find_problems(root: str | Path, metadata_path: str | Path, class_names: Sequ
 
 def check_dataset(root: str | Path, metadata_path: str | Path, class_names: Sequence[str] = (),
                   decode: bool = False) -> list[str]:
-    """The problems of one metadata list and its files, as `list:line: what is wrong` lines; [] if none."""
-    return [str(p) for p in find_problems(root, metadata_path, class_names, decode)]
+    """The problems of one metadata list and its files, as `list:line: what is wrong` lines; [] if none
+    (notes are left out)."""
+    return [str(p) for p in find_problems(root, metadata_path, class_names, decode) if not p.is_note]
 
 
 def format_report(problems: Sequence[Problem], limit: int | None = None) -> str:
@@ -173,8 +182,8 @@ def format_report(problems: Sequence[Problem], limit: int | None = None) -> str:
 
 def validate_dataset(root: str | Path, metadata_path: str | Path, class_names: Sequence[str] = (),
                      decode: bool = False) -> None:
-    """`find_problems`, raising one DatasetError that summarises them (5 per kind)."""
-    problems = find_problems(root, metadata_path, class_names, decode)
+    """`find_problems`, raising one DatasetError that summarises them (5 per kind); notes pass."""
+    problems = [p for p in find_problems(root, metadata_path, class_names, decode) if not p.is_note]
     if problems:
         path = Path(metadata_path)
         raise DatasetError(
@@ -222,13 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     root = args.data_root or get_dataset_info(args.dataset)["default_root"]
     lists, problems = check_all(root, args.metadata_dir, args.dataset, args.shot, args.classes, args.decode)
     names = ", ".join(p.name for p in lists)
+    errors = [p for p in problems if not p.is_note]
     if problems:
         print(f"dataset {args.dataset} (root {root}; lists {names} in {lists[0].parent}):")
         print(format_report(problems))
-        print(f"error: {len(problems)} problem(s) in dataset {args.dataset}; see the report above",
-              file=sys.stderr)
+    if errors:
+        print(f"error: {len(errors)} problem(s) in dataset {args.dataset}; see the report above", file=sys.stderr)
         return 2
-    print(f"dataset {args.dataset} (root {root}): {names} {'decoded' if args.decode else 'checked'}, no problems")
+    notes = f" ({len(problems)} note(s) above)" if problems else ""
+    print(f"dataset {args.dataset} (root {root}): {names} {'decoded' if args.decode else 'checked'}, "
+          f"no problems{notes}")
     return 0
 
 

@@ -12,7 +12,8 @@ class DatasetError(Exception):
 
 
 REQUIRED_KEYS = ("image_path", "label", "class_name")
-RECORD_FORMAT = "each line must be one JSON object with image_path, label (0/1), class_name and optional mask_path"
+RECORD_FORMAT = ("each line must be one JSON object with image_path, label (0/1, or 0.0/1.0), class_name and "
+                 "optional mask_path")
 
 
 def load_constants() -> dict:
@@ -71,13 +72,14 @@ def parse_record(line: str, where: str) -> dict:
     if missing:
         raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}; {RECORD_FORMAT}")
     label, mask_path = obj["label"], obj.get("mask_path") or ""
-    # bool is an int subclass; `true` in a metadata file is a mistake, not a label.
-    if type(label) is not int or label not in (0, 1):
+    # The original's shipped lists write 1.0 and 0.0. The exact type test keeps out bool (an int
+    # subclass: `true` in a metadata file is a mistake, not a label); NaN equals neither 0 nor 1.
+    if type(label) not in (int, float) or label not in (0, 1):
         raise DatasetError(f"{where}: label must be 0 (normal) or 1 (anomalous), got {label!r}")
     for key in ("image_path", "class_name"):
         if not isinstance(obj[key], str) or not obj[key]:
             raise DatasetError(f"{where}: {key} must be a non-empty string, got {obj[key]!r}")
     if not isinstance(mask_path, str):
         raise DatasetError(f"{where}: mask_path must be a string, \"\" or null, got {mask_path!r}")
-    return {"image_path": obj["image_path"], "mask_path": mask_path, "label": label,
+    return {"image_path": obj["image_path"], "mask_path": mask_path, "label": int(label),
             "class_name": obj["class_name"]}

@@ -3,20 +3,21 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import InterpolationMode, v2
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from .common import DatasetError, get_dataset_info, parse_record
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-_SINGLE_CHANNEL_MODES = _HIGH_BIT_MODES | {"1", "L"}
 _MAKE_HINT = "build it with `python -m dataset.make_metadata --dataset NAME --root DIR`"
 
 
@@ -68,10 +69,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image_uint8(path: str, image_size: int, cache_dir: str | None = None) -> np.ndarray:
+def read_image_uint8(path: str, image_size: int | None, cache_dir: str | None = None) -> np.ndarray:
     """Any file PIL reads (any size, grayscale, RGBA, 16-bit, ...) -> uint8 [S, S, 3]: RGB as `to_rgb`
-    makes it, resized bicubic to S x S. With `cache_dir`, the result is kept there as `.npy` (keyed by
-    path, modification time and size), so later epochs and evaluations skip decoding and resizing."""
+    makes it, resized bicubic to S x S (kept at its own size [H, W, 3] when `image_size` is None). With
+    `cache_dir`, the result is kept there as `.npy` (keyed by path, modification time, file size and S),
+    so later epochs and evaluations skip decoding (and resizing)."""
     cached = None
     if cache_dir:
         stat = os.stat(path)
@@ -79,8 +81,11 @@ def read_image_uint8(path: str, image_size: int, cache_dir: str | None = None) -
         cached = os.path.join(cache_dir, key.hexdigest() + ".npy")
         if os.path.exists(cached):
             return np.load(cached)
-    size = (image_size, image_size)
-    arr = np.ascontiguousarray(_decode(path, lambda img: np.asarray(to_rgb(img).resize(size, Image.BICUBIC))))
+    def convert(img: Image.Image) -> np.ndarray:
+        rgb = to_rgb(img)
+        return np.asarray(rgb if image_size is None else rgb.resize((image_size, image_size), Image.BICUBIC))
+
+    arr = np.ascontiguousarray(_decode(path, convert))
     if cached:
         os.makedirs(cache_dir, exist_ok=True)
         # Written under a unique name, then renamed: loader workers may cache the same file at once.
@@ -91,50 +96,115 @@ def read_image_uint8(path: str, image_size: int, cache_dir: str | None = None) -
     return arr
 
 
+def _to_float(arr: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [3, H, W] in [0, 1], as torchvision's `ToTensor`."""
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255.0)
+
+
 def read_image(path: str, image_size: int, cache_dir: str | None = None) -> torch.Tensor:
     """`read_image_uint8` as float [3, S, S] in [0, 1]."""
-    arr = read_image_uint8(path, image_size, cache_dir)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255.0)
+    return _to_float(read_image_uint8(path, image_size, cache_dir))
 
 
 def load_image(path: str, image_size: int) -> torch.Tensor:
     """The model input of an image file, as ADDataset gives it without augmentation: float [3, S, S],
     CLIP-normalised."""
-    return v2.functional.normalize(read_image(path, image_size), CLIP_MEAN, CLIP_STD)
+    return F.normalize(read_image(path, image_size), CLIP_MEAN, CLIP_STD)
 
 
 def _mask_to_binary(img: Image.Image) -> np.ndarray:
-    """Any nonzero pixel (in any colour channel, alpha ignored) is anomalous. Returns uint8 [H, W] in {0, 1}."""
-    if img.mode in _SINGLE_CHANNEL_MODES:
-        arr = np.asarray(img) != 0
-    else:
-        arr = (np.asarray(to_rgb(img)) != 0).any(axis=-1)
-    return arr.astype(np.uint8)
+    """The original's mask rule: `convert("L")`, then every nonzero pixel is anomalous (so a colour is
+    anomalous only where its luminance rounds above 0). Returns uint8 [H, W] in {0, 1}."""
+    return (np.asarray(img.convert("L")) != 0).astype(np.uint8)
 
 
-def _color_jitter() -> v2.Transform:
-    return v2.Compose([v2.RandomApply([v2.ColorJitter(**{k: 0.5})], p=0.7)
-                       for k in ("brightness", "contrast", "saturation")])
+@dataclass(frozen=True)
+class AugmentParams:
+    """One training sample's augmentation as the original draws it, each step None / False when it is not applied.
+
+    Colour factors act on the full-size image (Stage 2 only); `angle` (degrees), `translate` (pixels,
+    x then y) and the flips act on the stacked [normalised image, mask] tensor.
+    """
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    angle: float | None = None
+    translate: tuple[int, int] | None = None
+    hflip: bool = False
+    vflip: bool = False
+
+    @property
+    def jitters(self) -> bool:
+        return any(f is not None for f in (self.brightness, self.contrast, self.saturation))
 
 
-def _geometric() -> v2.Transform:
-    # v2 always uses nearest interpolation for tv_tensors.Mask, so masks stay binary.
-    bilinear = InterpolationMode.BILINEAR
-    return v2.Compose([
-        v2.RandomApply([v2.RandomRotation(30, interpolation=bilinear)], p=0.5),
-        v2.RandomApply([v2.RandomAffine(degrees=0, translate=(0.15, 0.15), interpolation=bilinear)], p=0.5),
-        v2.RandomHorizontalFlip(p=0.5),
-        v2.RandomVerticalFlip(p=0.5),
-    ])
+JITTER, JITTER_P = 0.5, 0.7
+ROTATION, TRANSLATE, GEOMETRIC_P = 30.0, 0.15, 0.5
+
+
+def _coin(p: float) -> bool:
+    # RandomApply's test: the step is skipped when p < u.
+    return not p < torch.rand(1)
+
+
+def draw_augment_params(image_size: int, color_jitter: bool) -> AugmentParams:
+    """Draws one sample's parameters from torch's global RNG with the draws, in the order, of the
+    original's torchvision pipeline (three `RandomApply([ColorJitter(x=0.5)], p=0.7)`, then
+    `RandomApply([RandomRotation(30)], p=0.5)`, `RandomApply([RandomAffine(0, translate=(0.15, 0.15))],
+    p=0.5)`, `RandomHorizontalFlip()`, `RandomVerticalFlip()`), so a seed gives the original's sample."""
+    factors: dict[str, float | None] = dict.fromkeys(("brightness", "contrast", "saturation"))
+    if color_jitter:
+        for i, name in enumerate(factors):
+            if _coin(JITTER_P):
+                ranges = [None] * 4
+                ranges[i] = [1 - JITTER, 1 + JITTER]
+                factors[name] = float(T.ColorJitter.get_params(*ranges)[1 + i])
+    angle = float(T.RandomRotation.get_params([-ROTATION, ROTATION])) if _coin(GEOMETRIC_P) else None
+    translate = None
+    if _coin(GEOMETRIC_P):
+        _, translate, _, _ = T.RandomAffine.get_params([0.0, 0.0], [TRANSLATE, TRANSLATE], None, None,
+                                                       [image_size, image_size])
+    hflip, vflip = bool(torch.rand(1) < 0.5), bool(torch.rand(1) < 0.5)
+    return AugmentParams(**factors, angle=angle, translate=translate, hflip=hflip, vflip=vflip)
+
+
+def jitter_colour(img: Image.Image, params: AugmentParams) -> Image.Image:
+    """Brightness, contrast, saturation (in that order) on a full-size RGB PIL image, as PIL computes them."""
+    for adjust, factor in ((F.adjust_brightness, params.brightness), (F.adjust_contrast, params.contrast),
+                           (F.adjust_saturation, params.saturation)):
+        if factor is not None:
+            img = adjust(img, factor)
+    return img
+
+
+def transform_geometry(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    """Rotation, translation and flips of x [C, S, S] (image and mask channels stacked), torchvision's
+    defaults: nearest interpolation, fill 0 (the mean colour of a normalised image, background of a mask)."""
+    fill = [0.0] * x.shape[0]
+    if params.angle is not None:
+        x = F.rotate(x, params.angle, InterpolationMode.NEAREST, fill=fill)
+    if params.translate is not None:
+        x = F.affine(x, angle=0.0, translate=list(params.translate), scale=1.0, shear=[0.0, 0.0],
+                     interpolation=InterpolationMode.NEAREST, fill=fill)
+    if params.hflip:
+        x = F.horizontal_flip(x)
+    if params.vflip:
+        x = F.vertical_flip(x)
+    return x
 
 
 class ADDataset(Dataset):
     """Anomaly-detection samples listed in a .jsonl metadata file (paths relative to `root`).
 
     Items are dicts: image float [3, S, S] (CLIP-normalised), mask float [1, S, S] in {0, 1},
-    label int, class_name str, class_idx int (position in `class_names`), image_path str (as in the metadata), has_mask bool (the mask is
-    pixel ground truth: the sample has a mask file, or is normal in a dataset that has masks).
-    Augmentation draws from torch's global RNG only, so seeding torch makes it reproducible.
+    label int, class_name str, class_idx int (position in `class_names`), image_path str (as in the
+    metadata), has_mask bool (the mask is pixel ground truth: the sample has a mask file, or is normal in
+    a dataset that has masks).
+
+    `augment` applies the original's training augmentation (`AugmentParams`): with `color_jitter` (Stage 2)
+    colour jitter on the full-size image before the resize, then rotation, translation and flips of the
+    stacked normalised image and mask. Its parameters come from torch's global RNG only, so seeding torch
+    makes an item reproducible.
     """
 
     def __init__(self, root: str, metadata: str, image_size: int = 518, augment: bool = False,
@@ -160,9 +230,7 @@ class ADDataset(Dataset):
         self.class_index = {name: i for i, name in enumerate(self.class_names)}
         self.has_masks = any(s["mask_path"] for s in samples)
         self._check_files()
-        self.color = _color_jitter() if augment and color_jitter else None
-        self.geometric = _geometric() if augment else None
-        self.normalize = v2.Normalize(CLIP_MEAN, CLIP_STD)
+        self.augment, self.color_jitter = augment, color_jitter
 
     @classmethod
     def from_name(cls, dataset: str, root: str | None = None, metadata_dir: str = "dataset/metadata",
@@ -193,35 +261,49 @@ class ADDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load_image(self, rel: str) -> tv_tensors.Image:
-        return tv_tensors.Image(read_image(self._path(rel), self.image_size, self.cache_dir))
+    def _load_image(self, rel: str, params: AugmentParams | None) -> torch.Tensor:
+        """float [3, S, S] in [0, 1]; colour jitter, if any, on the full-size image before the resize."""
+        path = self._path(rel)
+        if params is None or not params.jitters:
+            return read_image(path, self.image_size, self.cache_dir)
+        img = jitter_colour(Image.fromarray(read_image_uint8(path, None, self.cache_dir)), params)
+        return _to_float(np.asarray(img.resize((self.image_size, self.image_size), Image.BICUBIC)))
 
-    def _load_mask(self, sample: dict) -> tv_tensors.Mask:
-        """Returns uint8 [1, S, S] in {0, 1}; all-zero for normal samples and samples without a mask."""
+    def _load_mask(self, sample: dict) -> torch.Tensor:
+        """float [1, S, S] in {0, 1}, resized nearest from any mask size; all-zero for normal samples and
+        samples without a mask."""
         size = (self.image_size, self.image_size)
         if sample["label"] == 0 or not sample["mask_path"]:
-            return tv_tensors.Mask(torch.zeros(1, *size, dtype=torch.uint8))
+            return torch.zeros(1, *size)
         arr = _decode(self._path(sample["mask_path"]),
                       lambda img: np.asarray(Image.fromarray(_mask_to_binary(img)).resize(size, Image.NEAREST)))
-        return tv_tensors.Mask(torch.from_numpy(arr.copy())[None])
+        return torch.from_numpy(arr.copy())[None].float()
 
-    def __getitem__(self, index: int) -> dict:
+    def augment_params(self) -> AugmentParams | None:
+        """This item's augmentation, drawn from torch's global RNG; None without `augment`."""
+        return draw_augment_params(self.image_size, self.color_jitter) if self.augment else None
+
+    def load(self, index: int, params: AugmentParams | None = None) -> dict:
+        """Item `index` with the given augmentation (None: none)."""
         sample = self.samples[index]
-        image, mask = self._load_image(sample["image_path"]), self._load_mask(sample)
-        if self.color is not None:
-            image = self.color(image)
-        if self.geometric is not None:
-            image, mask = self.geometric(image, mask)
+        image = F.normalize(self._load_image(sample["image_path"], params), CLIP_MEAN, CLIP_STD)
+        mask = self._load_mask(sample)
+        if params is not None:
+            stacked = transform_geometry(torch.cat([image, mask]), params)
+            image, mask = stacked[:3], stacked[3:]
         has_mask = bool(sample["mask_path"]) or (sample["label"] == 0 and self.has_masks)
         return {
-            "image": self.normalize(image).as_subclass(torch.Tensor),
-            "mask": mask.as_subclass(torch.Tensor).float(),
+            "image": image,
+            "mask": mask,
             "label": sample["label"],
             "class_name": sample["class_name"],
             "class_idx": self.class_index[sample["class_name"]],
             "image_path": sample["image_path"],
             "has_mask": has_mask,
         }
+
+    def __getitem__(self, index: int) -> dict:
+        return self.load(index, self.augment_params())
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:

@@ -1,6 +1,19 @@
 """Build <out_dir>/<NAME>/full-shot.jsonl (every test-split sample) and <k>-shot.jsonl lists from a dataset folder.
 
     python -m dataset.make_metadata --dataset MVTec --root ./data/mvtec_ad [--layout auto] [--shots 8 16 32]
+    python -m dataset.make_metadata --dataset Colon_Kvasir      # root: the constants' default root
+
+Layouts (--layout auto detects them in this order):
+  visa        split_csv/1cls.csv with columns object, split, label, image, mask
+  medad       Brain, Liver, Retina (BMAD): test/good/img/<id> (normal), test/Ungood/img/<id> (anomalous),
+              masks test/Ungood/label/<id>
+  btad        <class>/test/{ok,ko}/<id>, masks <class>/ground_truth/ko/<id>.png or .bmp
+  colon       polyp sets (Colon_clinicDB, Colon_colonDB, Colon_Kvasir, Colon_cvc300): images/<id>, masks
+              masks/<id>, every image anomalous
+  mvtec_like  <class>/test/<defect or good>/<id>, masks <class>/ground_truth/<defect>/<id>[_mask] (optional)
+  mvtec       (explicit only) MVTec AD / MPDD: as mvtec_like, masks <id>_mask.png required
+Medical masks are <id> with the image's extension or .png. The medical layouts hold one class: the
+constants' class of the dataset (Colon_Kvasir -> Kvasir), or the dataset name when it has none there.
 """
 import argparse
 import csv
@@ -13,12 +26,16 @@ from pathlib import Path
 
 from .common import DatasetError, get_dataset_info
 
-LAYOUTS = ("auto", "mvtec", "visa", "btad", "mvtec_like")
+LAYOUTS = ("auto", "mvtec", "visa", "btad", "mvtec_like", "medad", "colon")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VISA_CSV = "split_csv/1cls.csv"
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 DEFAULT_SHOTS = (8, 16, 32)
 DEFAULT_SEED = 111
+MEDAD_LABELS = {"good": 0, "Ungood": 1}  # folder under test/ -> label
+# What a medical layout's folders must look like, for the error messages.
+MEDICAL_TREES = {"medad": "test/good/img/<image>, test/Ungood/img/<image> and masks test/Ungood/label/<image>",
+                 "colon": "images/<image> and masks masks/<image>"}
 
 
 def record(image_path: str, mask_path: str, label: int, class_name: str) -> dict:
@@ -27,11 +44,17 @@ def record(image_path: str, mask_path: str, label: int, class_name: str) -> dict
 
 
 def detect_layout(root: Path) -> str:
-    """visa if split_csv/1cls.csv exists, btad if some <class>/test has ok/ko folders, else mvtec_like."""
+    """visa if split_csv/1cls.csv exists, medad if test/good/img or test/Ungood/img does, btad if some
+    <class>/test has ok/ko folders, colon if images/ holds image files, else mvtec_like."""
     if (root / VISA_CSV).is_file():
         return "visa"
+    if any((root / "test" / name / "img").is_dir() for name in MEDAD_LABELS):
+        return "medad"
     if any((d / "ok").is_dir() or (d / "ko").is_dir() for d in root.glob("*/test")):
         return "btad"
+    # Image files, not only a folder: an mvtec_like class may be called "images" (images/test/...).
+    if (root / "images").is_dir() and _images(root / "images"):
+        return "colon"
     return "mvtec_like"
 
 
@@ -49,7 +72,17 @@ def _mask_candidates(gt_dir: Path, image: Path, layout: str) -> list[Path]:
     if layout == "btad":
         return [gt_dir / f"{image.stem}.png", gt_dir / f"{image.stem}.bmp"]
     exts = dict.fromkeys([".png", image.suffix])  # ordered, de-duplicated
-    return [gt_dir / f"{image.stem}{suffix}{ext}" for suffix in ("_mask", "") for ext in exts]
+    suffixes = ("_mask", "") if layout == "mvtec_like" else ("",)  # medical masks share the image's stem
+    return [gt_dir / f"{image.stem}{suffix}{ext}" for suffix in suffixes for ext in exts]
+
+
+def _find_mask(root: Path, gt_dir: Path, image: Path, layout: str, tried: dict[str, list[Path]]) -> str:
+    """The mask of an anomalous image relative to root, or "" with the candidates recorded in `tried`."""
+    candidates = _mask_candidates(gt_dir, image, layout)
+    found = [c for c in candidates if c.is_file()]
+    if not found:
+        tried[image.relative_to(root).as_posix()] = candidates
+    return found[0].relative_to(root).as_posix() if found else ""
 
 
 def _collect_folders(root: Path, layout: str) -> tuple[list[dict], dict[str, list[Path]]]:
@@ -72,17 +105,50 @@ def _collect_folders(root: Path, layout: str) -> tuple[list[dict], dict[str, lis
                 raise DatasetError(f"unexpected folder {defect} in a BTAD tree: only ok/ and ko/ are allowed")
             label = 0 if defect.name in normal else 1
             for image in _images(defect):
-                mask = ""
-                if label == 1:
-                    candidates = _mask_candidates(cls / "ground_truth" / defect.name, image, layout)
-                    found = [c for c in candidates if c.is_file()]
-                    mask = found[0].relative_to(root).as_posix() if found else ""
-                    if not found:
-                        tried[image.relative_to(root).as_posix()] = candidates
+                mask = _find_mask(root, cls / "ground_truth" / defect.name, image, layout, tried) if label else ""
                 records.append(record(image.relative_to(root).as_posix(), mask, label, cls.name))
         if len(records) == n_before:
             raise DatasetError(f"no test images ({'/'.join(IMAGE_EXTS)}) found in {cls / 'test'}; "
                                "remove the folder or check --layout")
+    return records, tried
+
+
+def medical_class_name(dataset: str) -> str:
+    """The class of a one-class medical dataset: its only class in the constants (Colon_Kvasir -> Kvasir),
+    so that lists match the original's; else the dataset name."""
+    classes = list(get_dataset_info(dataset)["classes"])
+    return classes[0] if len(classes) == 1 else dataset
+
+
+def _medical_folders(root: Path, layout: str) -> list[tuple[Path, Path, int]]:
+    """(image folder, mask folder, label) of each part of a medad or colon tree."""
+    if layout == "colon":
+        folders = [(root / "images", root / "masks", 1)]
+    else:
+        parts = _subdirs(root / "test") if (root / "test").is_dir() else []
+        for part in parts:
+            if part.name not in MEDAD_LABELS:
+                raise DatasetError(f"unexpected folder {part} in a medad tree: only test/good/ and test/Ungood/ "
+                                   "are allowed; move it out of test/")
+        folders = [(part / "img", part / "label", MEDAD_LABELS[part.name]) for part in parts]
+    missing = [images for images, _, _ in folders if not images.is_dir()]
+    if not folders or missing:
+        where = missing[0] if missing else root / "test" / "{good,Ungood}" / "img"
+        raise DatasetError(f"{where} not found: layout {layout} expects {MEDICAL_TREES[layout]}; "
+                           "check --root and --layout")
+    return folders
+
+
+def _collect_medical(root: Path, layout: str, class_name: str) -> tuple[list[dict], dict[str, list[Path]]]:
+    """One-class medical trees (medad, colon); normal images get no mask."""
+    records, tried = [], {}
+    for images, masks, label in _medical_folders(root, layout):
+        for image in _images(images):
+            mask = _find_mask(root, masks, image, layout, tried) if label else ""
+            records.append(record(image.relative_to(root).as_posix(), mask, label, class_name))
+    if not records:
+        raise DatasetError(f"no images ({'/'.join(IMAGE_EXTS)}) found under {root}: layout {layout} expects "
+                           f"{MEDICAL_TREES[layout]}; check --root and --layout")
     return records, tried
 
 
@@ -125,14 +191,17 @@ def _check_masks(records: list[dict], tried: dict[str, list[Path]], layout: str)
         return  # a dataset without pixel annotations: mask_path stays ""
     image, candidates = next(iter(tried.items()))
     looked = f" (looked for {', '.join(map(str, candidates))})" if candidates else ""
+    # mvtec_like reads MVTec-style trees only: no use suggesting it for a medical tree.
+    fallback = "" if layout in MEDICAL_TREES else "; use --layout mvtec_like for a dataset without masks"
     why = ("other anomalous images have masks" if len(tried) < n_anomalous
-           else f"layout {layout} requires masks; use --layout mvtec_like for a dataset without masks")
+           else f"layout {layout} requires masks{fallback}")
     raise DatasetError(f"anomalous image {image} has no mask{looked}, but {why}; "
                        f"{len(tried)} anomalous image(s) lack a mask: add the masks or remove those images")
 
 
-def collect_samples(root: str, layout: str = "auto") -> list[dict]:
-    """All test-split samples under `root`, sorted by (class_name, image_path)."""
+def collect_samples(root: str, layout: str = "auto", dataset: str | None = None) -> list[dict]:
+    """All test-split samples under `root`, sorted by (class_name, image_path). The one-class medical
+    layouts name their class after `dataset` (see `medical_class_name`), by default the root's folder name."""
     root_path = Path(root)
     if not root_path.is_dir():
         raise DatasetError(f"dataset root not found: {root}; download/extract the dataset there or pass --root DIR")
@@ -144,6 +213,8 @@ def collect_samples(root: str, layout: str = "auto") -> list[dict]:
         if not (root_path / VISA_CSV).is_file():
             raise DatasetError(f"{root_path / VISA_CSV} not found; a VisA root contains split_csv/1cls.csv")
         records, tried = _collect_visa(root_path)
+    elif layout in MEDICAL_TREES:
+        records, tried = _collect_medical(root_path, layout, medical_class_name(dataset or root_path.resolve().name))
     else:
         records, tried = _collect_folders(root_path, layout)
     _check_masks(records, tried, layout)
@@ -174,7 +245,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 def build_metadata(dataset: str, root: str, layout: str = "auto", out_dir: str = "dataset/metadata",
                    shots: Sequence[int] = DEFAULT_SHOTS, seed: int = DEFAULT_SEED) -> dict[Path, list[dict]]:
     """Write full-shot.jsonl and <k>-shot.jsonl under <out_dir>/<dataset>/; returns {path: records}."""
-    full = collect_samples(root, layout)
+    full = collect_samples(root, layout, dataset)
     # Draw every k-shot list before writing anything so a failing k leaves no partial output.
     lists = {"full-shot.jsonl": full} | {f"{k}-shot.jsonl": k_shot(full, k, seed) for k in shots}
     written = {}
@@ -208,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="name of the metadata folder, e.g. MVTec, VisA")
     parser.add_argument("--root", help="dataset folder (default: the constants' default root)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="auto")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto",
+                        help="folder layout, see above (default: auto, detected from the folder)")
     parser.add_argument("--out_dir", default="dataset/metadata")
     parser.add_argument("--shots", type=int, nargs="*", default=list(DEFAULT_SHOTS))
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)

@@ -77,8 +77,13 @@ def _download_openai(model_name: str) -> str:
 
 def load_clip_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Loads a CLIP state dict into `model`, resizing the vision positional embedding to the model's
-    grid (bicubic, antialias, CLS kept: open_clip's `resize_pos_embed`)."""
-    sd = dict(state_dict)
+    grid (bicubic, antialias, CLS kept: open_clip's `resize_pos_embed`).
+
+    Floating tensors are upcast to fp32 first, as open_clip does: OpenAI's archives and `.half()` files
+    hold fp16 tensors, which the antialiased bicubic resize does not support, and the model is fp32 anyway
+    (the upcast is exact). Non-tensor entries are left for `load_state_dict` to reject."""
+    sd = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+          for k, v in state_dict.items()}
     if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
     # open_clip's resizing asserts on another width: compare shapes first (positional embeddings

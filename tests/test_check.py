@@ -106,7 +106,7 @@ def test_cli_groups_the_report_and_exits_2(broken, capsys):
     for heading in ("metadata (3)", "missing file (2)", "unreadable file (1)", "mask size (1)", "missing mask (1)",
                     "k-shot (2)"):
         assert f"\n{heading}: " in out, out
-    assert err == "error: 10 problem(s) in dataset Syn; see the report above\n"
+    assert err == "error: 9 problem(s) in dataset Syn; see the report above\n"  # the mask size is a note
 
 
 def test_requested_shot_without_list_and_missing_root(tmp_path, capsys):
@@ -123,7 +123,7 @@ def test_validate_dataset_summarises_in_one_error(broken):
     with pytest.raises(DatasetError) as e:
         validate_dataset(data, meta / "Syn" / "full-shot.jsonl")
     msg = str(e.value)
-    assert msg.startswith(f"8 problem(s) with {meta / 'Syn' / 'full-shot.jsonl'}")
+    assert msg.startswith(f"7 problem(s) with {meta / 'Syn' / 'full-shot.jsonl'}")
     assert b["missing_image"] in msg and ":13: label must be" in msg
     assert f"python -m dataset.check --dataset Syn --data_root {data} --metadata_dir {meta}" in msg
 
@@ -141,5 +141,20 @@ def test_real_cli(broken):
     proc = subprocess.run([sys.executable, "-m", "dataset.check", "--dataset", "Syn", "--data_root", str(data),
                            "--metadata_dir", str(meta)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: 10 problem(s)") and "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.startswith("error: 9 problem(s)") and "Traceback" not in proc.stderr + proc.stdout
     assert "unreadable file (1)" in proc.stdout
+
+
+def test_mask_of_another_size_is_a_note_not_an_error(tmp_path, capsys):
+    """The original resizes every mask to the input size: a differently sized mask is noted, and the
+    dataset validates and loads."""
+    data, meta = make_clean(tmp_path)
+    full = meta / "Syn" / "full-shot.jsonl"
+    record = next(r for r in read_list(full) if r["label"] == 1)
+    big = np.kron(np.asarray(Image.open(data / record["mask_path"])), np.ones((3, 3), np.uint8))
+    Image.fromarray(big).save(data / record["mask_path"])
+    validate_dataset(data, full)
+    assert check_dataset(data, full) == []
+    assert main(["--dataset", "Syn", "--data_root", str(data), "--metadata_dir", str(meta)]) == 0
+    out = capsys.readouterr().out
+    assert "mask size (1): note, not an error" in out and "96x96" in out and "no problems (1 note(s) above)" in out

@@ -320,6 +320,24 @@ def test_unwritable_output_folder(script, data, runs, tmp_path, monkeypatch, cap
     assert_unchanged(watched, before)
 
 
+def test_non_finite_map_stops_test_py_before_writing(data, copy_run, monkeypatch, capsys):
+    """One inf pixel in a class's maps: test.py names the class and the count and writes no results."""
+    save = copy_run("baseline")
+    before = listing(save)
+    predict = test_script.predict
+
+    def poisoned(*args, **kwargs):
+        maps, scores, masks = predict(*args, **kwargs)
+        maps[-1, 0, 0] = float("inf")
+        return maps, scores, masks
+
+    monkeypatch.setattr(test_script, "predict", poisoned)
+    msg = fail(test_script, ["--save_path", str(save), *data_args(data)], monkeypatch, capsys)
+    has(msg, "class 'stripes'", "1 of ", "pixel-map values are not finite (0 NaN, 1 inf)", "--precision fp32",
+        "nothing was written")
+    assert not list(save.glob("results/*.csv")) and not list(save.glob("results/*.json"))
+
+
 def test_epoch_and_all_epochs(data, copy_run, monkeypatch, capsys):
     save = copy_run("baseline")
     before = listing(save)

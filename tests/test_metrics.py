@@ -1,3 +1,4 @@
+import re
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -6,6 +7,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from metrics import (
     METRIC_NAMES,
+    NonFiniteError,
     aupro,
     auroc,
     average_precision,
@@ -219,3 +221,17 @@ def test_mean_metrics_skips_none() -> None:
     assert mean["pixel_auroc"] == pytest.approx(30.0)
     assert mean["pixel_aupro"] == pytest.approx(20.0)
     assert mean["image_auroc"] is None
+
+
+@pytest.mark.parametrize("where, value, what", [("map", float("inf"), "1 of 384 pixel-map values are not finite (0 NaN, 1 inf)"),
+                                                ("map", float("nan"), "1 of 384 pixel-map values are not finite (1 NaN, 0 inf)"),
+                                                ("score", float("nan"), "1 of 6 image scores are not finite (1 NaN, 0 inf)"),
+                                                ("score", -float("inf"), "1 of 6 image scores are not finite (0 NaN, 1 inf)")])
+def test_metrics_eval_refuses_non_finite(where: str, value: float, what: str) -> None:
+    """One inf pixel would turn pixel AUROC 100 into ~50 through the min-max normalisation, one NaN score
+    image AUROC into 0: refused with the class and the count instead."""
+    maps, image_scores, labels, masks = _hand_class()
+    assert maps.numel() == 384 and image_scores.numel() == 6
+    (maps.view(-1) if where == "map" else image_scores)[3] = value
+    with pytest.raises(NonFiniteError, match=re.escape(f"class 'bottle': {what}")):
+        metrics_eval(maps, image_scores, labels, masks, "Industrial", class_name="bottle")
