@@ -3,7 +3,7 @@
     python analyze_attention.py --save_path ckpt/cross_attn --dataset MVTec --classes bottle cable
     python analyze_attention.py --save_path ckpt/cross_attn --dataset MVTec --prompts "a scratched {}." "a {}."
 
-The text stream after text block 1 attends to the image context (the level-1 Stage-1 patch features);
+The text stream after text block 1 attends to the image context (the first level's Stage-1 patch features);
 a word's map is its tokens' attention rows over the patches, averaged over heads and over the word's
 BPE tokens. For each class this writes, under --out:
 
@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from cli import (RANDOM_WEIGHTS_BANNER, add_data_args, add_model_args, cli_main, load_dataset, load_model,
+                 parse_run_args)
 from dataset import PROMPTS, ADDataset, denormalize, get_real_name
-from forward_utils_cross_attention import load_cross_attention_model
 from model import get_tokenizer
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention
-from test import apply_saved_args
-from train import add_data_args, add_model_args, load_dataset, resolve_precision
-from utils import (RANDOM_WEIGHTS_BANNER, UserError, autocast, cli_main, ensure_writable_dir, resolve_device,
-                   seed_everything)
+from utils.distributed import resolve_device
+from utils.errors import UserError
+from utils.io import ensure_writable_dir
 
 STATE_WORDS = ("damaged", "broken", "flaw", "defect", "damage")
 TEMPLATE = "a photo of {}."
@@ -63,11 +63,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = get_parser()
-    args = apply_saved_args(parser, parser.parse_args(argv), argv)
-    if args.variant != "cross_attention":
-        raise UserError(f"{args.save_path} is not a cross-attention run (no text_adapter_cross_attn.pth); "
-                        "train one with train_cross_attention.py")
+    args = parse_run_args(get_parser, argv)
+    if not issubclass(args.variant.model_cls, AdaptedCLIPWithCrossAttention):
+        raise UserError(f"{args.save_path} holds a {args.variant.name} run, which has no cross-attention; train "
+                        "one with train_cross_attention.py")
     if args.num_images < 0:
         raise UserError(f"--num_images must be >= 0, got {args.num_images}")
     return args
@@ -221,7 +220,7 @@ def analyze_class(model: AdaptedCLIPWithCrossAttention, ds: ADDataset, class_nam
     columns = defaultdict(list)
     for n, batch in enumerate(loader):
         images = batch["image"].to(device)
-        with torch.no_grad(), autocast(device, args.precision):
+        with torch.no_grad(), model.autocast():
             att = token_attention(model, tokens, model.image_context(images)).cpu()
         for b, i in enumerate(used[n * args.batch_size:(n + 1) * args.batch_size]):
             sample, mask = ds.samples[i], batch["mask"][b, 0]
@@ -271,14 +270,12 @@ def write_csv(results: dict[str, dict[str, list[float]]], path: Path, pretrained
 def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     """The whole analysis; returns per class and column the per-image ratios."""
     device = resolve_device(args.device)
-    args.precision = resolve_precision(args, device)
     out = ensure_writable_dir(args.out or Path(args.save_path) / "attention", "--out")
     banner = RANDOM_WEIGHTS_BANNER if args.pretrained == "none" else ""
     if banner:
         print(banner)
     ds = load_dataset(args, args.dataset, None, class_names=args.classes)
-    seed_everything(args.seed)  # the backbone of a --pretrained none run, as training drew it
-    model = load_cross_attention_model(args, device).eval()
+    model = load_model(args, device)[0].eval()
     tokenizer = get_tokenizer(args.model)
     templates = args.prompts or default_templates()
     title = f"{args.dataset} | {Path(args.save_path).name} | {args.model} pretrained={args.pretrained}" + (

@@ -6,8 +6,9 @@
 Each ARM is `[label=]path[,path...]`; a path may be a glob, several paths are several runs (seeds) of one
 arm; quote globs, or the shell turns each match into an arm of its own. The first arm is the reference for
 the Δ columns and the paired tests. For every run this reads
-`<run>/results/<dataset>_epoch<k>.json` (baseline) or `<run>/results/<dataset>_epoch<k>_<text_context>.json`
-(cross-attention), as written by `python test.py --save_path <run> --dataset <dataset>`.
+`<run>/results/<dataset>_epoch<k><suffix>.json` as written by `python test.py --save_path <run> --dataset
+<dataset>`, the suffix naming the run's variant's test options (none for the baseline, `_image` or `_none`
+for cross-attention's --text_context).
 
 Prints Markdown tables (one per metric: classes + mean as rows, arms and Δ as columns; `mean ± std` over
 runs, sample std) and a table of paired tests against the reference, and writes them to `<out>.md` plus a
@@ -16,6 +17,7 @@ long-format `<out>.csv` (arm, run, seed, class, metric, value).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import glob
 import json
@@ -26,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cli import RANDOM_WEIGHTS_BANNER, add_variant_test_args, cli_main, test_flags
 from metrics import METRIC_NAMES
-from utils import RANDOM_WEIGHTS_BANNER, UserError, cli_main
+from utils.errors import UserError
+from variants import VARIANTS, read_saved_args, variant_of_run
 
 MEAN_ROW = "mean"
 Stat = tuple[float | None, float | None, int]  # mean over runs, sample std (None below 2 runs), runs defined
@@ -70,37 +74,27 @@ def parse_arm(spec: str) -> tuple[str, list[Path]]:
     return label or default_label(paths), paths
 
 
-def read_args(run: Path) -> dict:
-    path = run / "args.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
-
-
-def load_run(path: Path, dataset: str, epoch: int | None, text_context: str) -> dict:
-    """The result JSON of one run: `epoch`, or else the largest epoch present; cross-attention runs use the
-    `text_context` file. Returns {path, seed, epoch, file, meta, per_class, mean}."""
+def load_run(path: Path, dataset: str, epoch: int | None, options: argparse.Namespace) -> dict:
+    """The result JSON of one run: `epoch`, or else the largest epoch present, of the results its variant
+    names for the test `options` (e.g. cross-attention's --text_context). Returns {path, seed, epoch, file,
+    meta, per_class, mean}."""
     if not path.is_dir():
         raise UserError(f"{path} is not a folder")
-    saved = read_args(path)
-    found: dict[tuple[int, str | None], Path] = {}
-    for f in (path / "results").glob(f"{glob.escape(dataset)}_epoch*.json"):
-        if m := re.fullmatch(rf"{re.escape(dataset)}_epoch(\d+)(?:_(image|none))?\.json", f.name):
-            found[int(m.group(1)), m.group(2)] = f
-    # args.json is authoritative; without it the suffixed files give a cross-attention run away
-    cross = saved.get("variant", "cross_attention" if any(c for _, c in found) else "baseline") == "cross_attention"
-    context = text_context if cross else None
-    by_epoch = {e: f for (e, c), f in found.items() if c == context}
+    saved = read_saved_args(path)
+    variant = variant_of_run(path, saved)
+    options = copy.copy(options)
+    variant.finish_test_args(options)
+    suffix = variant.result_suffix(options)
+    by_epoch = {int(m.group(1)): f for f in (path / "results").glob(f"{glob.escape(dataset)}_epoch*.json")
+                if (m := re.fullmatch(rf"{re.escape(dataset)}_epoch(\d+){re.escape(suffix)}\.json", f.name))}
     chosen = epoch if epoch is not None else max(by_epoch, default=None)
     if chosen not in by_epoch:
+        flags = "".join(f" {flag} {getattr(options, dest)}" for dest, flag in test_flags(variant).items())
         what = f"{dataset} result" + (f" for epoch {epoch}" if epoch is not None else "") + (
-            f" with text_context {context}" if context else "")
+            f" with{flags}" if flags else "")
         have = f" (it has epochs {sorted(by_epoch)})" if by_epoch else ""
         command = f"python test.py --save_path {path} --dataset {dataset}" + (
-            f" --epoch {epoch}" if epoch is not None else "") + (f" --text_context {context}" if context else "")
+            f" --epoch {epoch}" if epoch is not None else "") + flags
         raise UserError(f"no {what} in {path / 'results'}{have}; run: {command}")
     file = by_epoch[chosen]
     try:
@@ -245,7 +239,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def report(arms: dict[str, list[dict]], metrics: list[str], dataset: str, epoch: int | None,
-           text_context: str) -> str:
+           options: argparse.Namespace) -> str:
     """The whole comparison as Markdown."""
     agg = aggregate(arms, metrics)
     delta = deltas(agg)
@@ -254,8 +248,9 @@ def report(arms: dict[str, list[dict]], metrics: list[str], dataset: str, epoch:
     lines = [f"# {dataset}: " + " vs ".join(arms) + f" (reference: {reference})", ""]
     if random_runs:
         lines += [f"**{RANDOM_WEIGHTS_BANNER}** (runs: {', '.join(random_runs)})", ""]
-    lines += [f"epoch: {'largest present' if epoch is None else epoch}; text_context of cross-attention runs: "
-              f"{text_context}; values in percent, `mean ± std` over runs (sample std), Δ = arm − {reference}", ""]
+    given = ", ".join(f"{k} {v}" for k, v in vars(options).items() if v is not None) or "each variant's defaults"
+    lines += [f"epoch: {'largest present' if epoch is None else epoch}; test options: {given}; values in percent, "
+              f"`mean ± std` over runs (sample std), Δ = arm − {reference}", ""]
     lines += [markdown_table(["arm", "run", "seed", "variant", "epoch", "result"],
                              [[label, str(r["path"]), str(r["seed"]), str(r["meta"].get("variant", "?")),
                                str(r["epoch"]), r["file"].name] for label, runs in arms.items() for r in runs]), ""]
@@ -296,27 +291,27 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset whose results to compare, e.g. MVTec")
     p.add_argument("--epoch", type=int, default=None,
                    help="compare this epoch's results (default: the largest epoch evaluated, per run)")
-    p.add_argument("--text_context", choices=["image", "none"], default="image",
-                   help="which results of cross-attention runs to read; baseline runs have only one "
-                        "(default: %(default)s)")
     p.add_argument("--metrics", nargs="+", choices=METRIC_NAMES, default=METRIC_NAMES, metavar="METRIC",
                    help=f"metrics to compare, in this order (default: all of {', '.join(METRIC_NAMES)})")
     p.add_argument("--out", default=None,
                    help="writes <out>.md and <out>.csv (default: results/compare_<dataset>)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    add_variant_test_args(p)  # which of a run's results to read, as test.py named them
     return p
 
 
 @cli_main
 def main() -> None:
     args = get_parser().parse_args()
+    options = argparse.Namespace(**{dest: getattr(args, dest) for variant in VARIANTS.values()
+                                    for dest in test_flags(variant)})
     arms: dict[str, list[dict]] = {}
     for spec in args.arms:
         label, paths = parse_arm(spec)
         if label in arms:
             raise UserError(f"two arms are labelled '{label}'; name them with label=path")
-        arms[label] = [load_run(p, args.dataset, args.epoch, args.text_context) for p in paths]
-    text = report(arms, args.metrics, args.dataset, args.epoch, args.text_context)
+        arms[label] = [load_run(p, args.dataset, args.epoch, options) for p in paths]
+    text = report(arms, args.metrics, args.dataset, args.epoch, options)
     print(text)
     out = Path(args.out or f"results/compare_{args.dataset}")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,9 @@ python -m dataset.synthetic --out data/Synthetic --metadata_dir dataset/metadata
 COMMON=(--model tiny --pretrained none --image_size 112 --dataset Synthetic --shot 4
         --text_epoch 3 --image_epoch 3 --text_batch_size 4 --image_batch_size 2 --num_workers 0)
 python train.py "${COMMON[@]}" --save_path "$OUT/baseline"
-python train_cross_attention.py "${COMMON[@]}" --save_path "$OUT/cross_attn" --sanity_check
-for run in baseline cross_attn; do
+python train_cross_attention.py "${COMMON[@]}" --save_path "$OUT/cross_attention" --sanity_check
+for run in baseline cross_attention; do
   python test.py --save_path "$OUT/$run" --dataset Synthetic --num_workers 0 --visualize
 done
-python compare.py "$OUT/baseline" "$OUT/cross_attn" --dataset Synthetic --out "$OUT/compare_Synthetic"
-python analyze_attention.py --save_path "$OUT/cross_attn" --dataset Synthetic --num_images 2 --num_workers 0
+python compare.py "$OUT/baseline" "$OUT/cross_attention" --dataset Synthetic --out "$OUT/compare_Synthetic"
+python analyze_attention.py --save_path "$OUT/cross_attention" --dataset Synthetic --num_images 2 --num_workers 0

@@ -1,10 +1,13 @@
-"""Prompts and text anchors (spec §4), similarity maps and losses (§5), shared by training and testing."""
+"""Prompts and text anchors, similarity maps and losses shared by training and testing, and the baseline
+`Variant` (how its anchors are made) that other variants extend."""
 from __future__ import annotations
 
+import argparse
 from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from dataset import PROMPTS, get_real_name
@@ -179,3 +182,50 @@ def stage2_loss(
     size = mask.shape[-1]
     seg = sum(calculate_seg_loss(calculate_similarity_map(f, anchors, grid, size), mask) for f in seg_tokens)
     return F.cross_entropy(image_logits(det_token, anchors), label) + seg
+
+
+class Variant:
+    """A way of making the text anchors: everything the entry points need to know about it. The baseline
+    is this class itself; a new variant subclasses it in its own file and is registered in `variants.py`.
+
+    A variant may change the text path: its model class (a subclass of `AdaptedCLIP`), the modules Stage 1
+    trains, how anchors are made, and its own flags. It must not change `image_forward` or the checkpoint
+    keys of `text_adapter` and `image_adapter`, so Stage 2, testing and old checkpoints stay comparable.
+    """
+
+    name = "baseline"
+    train_script = "train.py"  # the script that trains it (train.py takes --variant for those without one)
+    model_cls: type[AdaptedCLIP] = AdaptedCLIP
+    text_ckpt = "text_adapter.pth"  # Stage 1's checkpoint: {"epoch", <text_modules>..., "text_optimizer"}
+    text_modules: tuple[str, ...] = ("text_adapter",)  # model attributes Stage 1 trains, saved under these keys
+    needs_text_stage = False  # True: a run without Stage 1 (--text_epoch 0) is refused
+    model_keys: tuple[str, ...] = ()  # extra saved flags that build the model (`model_kwargs` reads them)
+
+    def add_train_args(self, parser: argparse.ArgumentParser) -> None:
+        """Flags of this variant's training (saved in args.json)."""
+
+    def add_test_args(self, parser: argparse.ArgumentParser) -> None:
+        """Flags of this variant's evaluation (test.py, predict.py); their defaults must be None."""
+
+    def finish_test_args(self, args: argparse.Namespace) -> None:
+        """Fills this variant's test flags left at None."""
+
+    def model_kwargs(self, args: argparse.Namespace) -> dict:
+        """Keyword arguments of `model_cls` beyond AdaptedCLIP's, from the (saved) flags."""
+        return {}
+
+    def modules(self, model: AdaptedCLIP) -> dict[str, nn.Module]:
+        """The modules Stage 1 trains and `text_ckpt` holds, by checkpoint key."""
+        return {key: getattr(model, key) for key in self.text_modules}
+
+    def anchor_fn(self, model: AdaptedCLIP, bank: PromptBank, args: argparse.Namespace, stage: str,
+                  text_trained: bool = True) -> AnchorFn:
+        """Anchors for `stage`: "stage1" (with gradient to the text modules), "stage2" or "test" (frozen).
+        `text_trained`: Stage 1 ran (the baseline falls back to CLIP's own text encoder otherwise)."""
+        if stage == "stage1":
+            return class_anchor_fn(model, bank, adapt=True, grad=True)
+        return class_anchor_fn(model, bank, adapt=text_trained)
+
+    def result_suffix(self, args: argparse.Namespace) -> str:
+        """The test options in result names: "" here, e.g. "_image" for cross-attention's --text_context."""
+        return ""

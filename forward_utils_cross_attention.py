@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from forward_utils import AnchorFn, PromptBank, anchors_from_embeddings, class_anchor_fn
+from forward_utils import AnchorFn, PromptBank, Variant, anchors_from_embeddings, class_anchor_fn
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention
-from train import build_model
-from utils import load_checkpoint, load_module_state
-
-CROSS_ATTN_CKPT = "text_adapter_cross_attn.pth"
 
 
 def get_vision_aware_text_embedding(
@@ -37,16 +32,46 @@ def cross_attention_anchor_fn(model: AdaptedCLIPWithCrossAttention, bank: Prompt
     return anchors
 
 
-def build_cross_attention_model(args: argparse.Namespace) -> AdaptedCLIPWithCrossAttention:
-    return build_model(args, AdaptedCLIPWithCrossAttention, cross_attn_heads=args.cross_attn_heads,
-                       cross_attn_dropout=args.cross_attn_dropout)
+class CrossAttentionVariant(Variant):
+    """Text tokens attend to the image's first-level Stage-1 patch features after text block 1; Stage 1
+    trains `text_adapter` and `text_cross_attn` together."""
 
+    name = "cross_attention"
+    train_script = "train_cross_attention.py"
+    model_cls = AdaptedCLIPWithCrossAttention
+    text_ckpt = "text_adapter_cross_attn.pth"
+    text_modules = ("text_adapter", "text_cross_attn")
+    needs_text_stage = True
+    model_keys = ("cross_attn_heads", "cross_attn_dropout")
 
-def load_cross_attention_model(args: argparse.Namespace, device: torch.device) -> AdaptedCLIPWithCrossAttention:
-    """The model with its trained text adapter and cross-attention from `<save_path>/text_adapter_cross_attn.pth`."""
-    model = build_cross_attention_model(args).to(device)
-    path = Path(args.save_path) / CROSS_ATTN_CKPT
-    ckpt = load_checkpoint(path)
-    load_module_state(model.text_adapter, ckpt, "text_adapter", path)
-    load_module_state(model.text_cross_attn, ckpt, "text_cross_attn", path)
-    return model
+    def add_train_args(self, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("cross-attention")
+        g.add_argument("--cross_attn_heads", type=int, default=8, help="cross-attention heads (default: %(default)s)")
+        g.add_argument("--cross_attn_dropout", type=float, default=0.1,
+                       help="attention dropout (default: %(default)s)")
+        g.add_argument("--init_text_adapter", default=None,
+                       help="start Stage 1 from a trained baseline text_adapter.pth (only the new module starts "
+                            "from scratch)")
+        g.add_argument("--text_context", choices=["image", "none"], default="image",
+                       help="Stage-2 anchors: per image from the frozen Stage-1 model, or with the cross-attention "
+                            "bypassed (ablation) (default: %(default)s)")
+        g.add_argument("--sanity_check", action="store_true",
+                       help="check context, shapes and gradients on the first batch, print a report, then train")
+
+    def add_test_args(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--text_context", choices=["image", "none"], default=None,
+                            help="cross-attention runs only: anchors from each test image's own context (the "
+                                 "default), or with the cross-attention bypassed")
+
+    def finish_test_args(self, args: argparse.Namespace) -> None:
+        args.text_context = args.text_context or "image"
+
+    def model_kwargs(self, args: argparse.Namespace) -> dict:
+        return {"cross_attn_heads": args.cross_attn_heads, "cross_attn_dropout": args.cross_attn_dropout}
+
+    def anchor_fn(self, model: AdaptedCLIPWithCrossAttention, bank: PromptBank, args: argparse.Namespace,
+                  stage: str, text_trained: bool = True) -> AnchorFn:
+        return cross_attention_anchor_fn(model, bank, "image" if stage == "stage1" else args.text_context)
+
+    def result_suffix(self, args: argparse.Namespace) -> str:
+        return f"_{args.text_context}"

@@ -1,4 +1,4 @@
-"""Evaluation metrics for AA-CLIP (spec §7): exact, tie-correct AUROC / AP / F1-max, AUPRO,
+"""Evaluation metrics for AA-CLIP: exact, tie-correct AUROC / AP / F1-max, AUPRO,
 and the per-class evaluation protocol.
 
 All curve metrics run in torch on the inputs' device; only the connected-component labelling of
@@ -202,7 +202,7 @@ def metrics_eval(
     domain: str,
     class_name: str = "?",
 ) -> dict[str, float | None]:
-    """Per-class evaluation of spec §7.
+    """Per-class evaluation as AA-CLIP defines it (image score: see the domain below).
 
     pixel_maps: [N, H, W]; image_scores: [N] (the (s + 1) / 2 detection scores); labels: [N]
     (nonzero = anomalous); masks: [N, H, W] bool or None; domain: "Industrial" or "Medical".

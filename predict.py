@@ -30,11 +30,14 @@ from dataset import DatasetError, get_dataset_info, get_real_name, load_image
 from dataset.check import read_size
 from dataset.loader import to_rgb
 from dataset.make_metadata import IMAGE_EXTS
+from cli import (RANDOM_WEIGHTS_BANNER, add_model_args, cli_main, epoch_checkpoints, load_image_adapter, load_model,
+                 parse_run_args)
+from engine import ImageForwardFn, fast_image_forward
 from forward_utils import AnchorFn, PromptBank, anomaly_map, image_logits
 from model import AdaptedCLIP, get_tokenizer
-from test import apply_saved_args, epoch_checkpoints, load_image_adapter, load_model, make_anchor_fn
-from train import add_model_args, resolve_precision
-from utils import RANDOM_WEIGHTS_BANNER, UserError, autocast, cli_main, ensure_writable_dir, resolve_device
+from utils.distributed import resolve_device
+from utils.errors import UserError
+from utils.io import ensure_writable_dir
 
 SCORE_NOTE = ("raw scores: image_score = ((det @ T)[1] + 1) / 2, map_max = max of the anomaly map; test.py's "
               "tables min-max normalise them per class over a whole test set, single predictions cannot")
@@ -132,16 +135,16 @@ class ImageFiles(Dataset):
 
 
 @torch.no_grad()
-def predict_batches(model: AdaptedCLIP, loader: DataLoader, anchor_fn: AnchorFn, domain: str,
-                    device: torch.device, precision: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def predict_batches(model: AdaptedCLIP, forward: ImageForwardFn, loader: DataLoader, anchor_fn: AnchorFn, domain: str,
+                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per batch of one class (row 0 of the prompt bank): anomaly maps [B, S, S] and image scores [B], as
     test.predict computes them."""
     for images in tqdm(loader, desc="predict", leave=False, dynamic_ncols=True):
         images = images.to(device, non_blocking=True)
         class_idx = torch.zeros(len(images), dtype=torch.long, device=device)
-        with autocast(device, precision):
+        with model.autocast():
             anchors = anchor_fn(images, class_idx)
-            seg_tokens, det_token = model(images)
+            seg_tokens, det_token = forward(images)
         yield (anomaly_map(seg_tokens, anchors, model.grid, images.shape[-1], domain),
                (image_logits(det_token, anchors)[:, 1] + 1) / 2)
 
@@ -170,12 +173,10 @@ def write_scores(rows: list[dict], out: Path, meta: dict) -> None:
 
 @cli_main
 def main() -> None:
-    parser = get_parser()
-    args = apply_saved_args(parser, parser.parse_args())
+    args = parse_run_args(get_parser)
     if args.color_range and args.color_range[0] >= args.color_range[1]:
         raise UserError(f"--color_range {args.color_range[0]:g} {args.color_range[1]:g}: LO must be below HI")
     device = resolve_device(args.device)
-    args.precision = resolve_precision(args, device)
     if args.pretrained == "none":
         print(RANDOM_WEIGHTS_BANNER)
     paths = expand_images(args.images)
@@ -192,14 +193,15 @@ def main() -> None:
     dataset = args.dataset or ""  # an unknown name: the class name as written, Industrial domain
     domain = get_dataset_info(dataset)["domain"]
     bank = PromptBank(get_tokenizer(args.model), dataset, [args.class_name]).to(device)
-    anchor_fn = make_anchor_fn(args, model, bank, text_trained)
+    anchor_fn = args.variant.anchor_fn(model, bank, args, "test", text_trained)
     out = Path(args.out or Path(args.save_path) / "predictions")
     overlays = ensure_writable_dir(out / "overlays", "--out")
 
     loader = DataLoader(ImageFiles(paths, args.image_size), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     rows, files = [], iter(zip(paths, overlay_names(paths)))
-    for maps, scores in predict_batches(model, loader, anchor_fn, domain, device, args.precision):
+    for maps, scores in predict_batches(model, fast_image_forward(model, args.compile), loader, anchor_fn, domain,
+                                        device):
         # zip pulls from `files` only while the batch has maps left, so files stay in step with batches.
         for amap, score, (path, name) in zip(maps.float().cpu().numpy(), scores.tolist(), files):
             with Image.open(path) as img:
@@ -208,13 +210,13 @@ def main() -> None:
             overlay(image, amap, lo, hi).save(overlays / name)
             rows.append({"image_path": str(path), "class_name": args.class_name, "image_score": score,
                          "map_max": float(amap.max()), "overlay": f"overlays/{name}"})
-    variant = args.variant + (f"_{args.text_context}" if args.variant == "cross_attention" else "")
+    variant = args.variant.name + args.variant.result_suffix(args)
     prompt_name = get_real_name(dataset, args.class_name)
     write_scores(rows, out, {
         "save_path": args.save_path, "checkpoint": str(checkpoints[epoch]), "epoch": epoch, "variant": variant,
         "model": args.model, "pretrained": args.pretrained, "random_weights": args.pretrained == "none",
         "dataset": args.dataset, "class_name": args.class_name, "prompt_name": prompt_name, "domain": domain,
-        "image_size": args.image_size, "precision": args.precision, "scores": SCORE_NOTE,
+        "image_size": args.image_size, "precision": model.precision, "scores": SCORE_NOTE,
     })
     print(f"{len(rows)} image(s) of '{prompt_name}' ({domain}) with {variant} epoch {epoch}: overlays in "
           f"{overlays}, scores in {out / 'scores.csv'} and {out / 'scores.json'}")

@@ -1,6 +1,6 @@
 """Train and evaluate a grid (variants x seeds x test datasets) across the visible GPUs, then compare.
 
-    python sweep.py --variants baseline cross_attn --seeds 1 2 3 --train_dataset VisA \\
+    python sweep.py --variants baseline cross_attention --seeds 1 2 3 --train_dataset VisA \\
         --test_datasets MVTec BTAD --out ckpt/sweep -- --pretrained ViT-L-14-336px.pt
     python sweep.py ... --gpus 0 1 --test_flags="--batch_size 16" -- --pretrained ViT-L-14-336px.pt
 
@@ -17,6 +17,7 @@ trainings save; the same command resumes them. When every job succeeded, compare
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shlex
 import signal
@@ -29,13 +30,11 @@ from pathlib import Path
 
 import torch
 
-import test as test_script
-import train
-import train_cross_attention
-from utils import UserError, cli_main
+from cli import add_variant_test_args, cli_main, get_test_parser, get_train_parser, test_flags
+from utils.errors import UserError
+from variants import VARIANTS
 
 REPO = Path(__file__).resolve().parent
-SCRIPTS = {"baseline": train, "cross_attn": train_cross_attention}
 SET_BY_SWEEP = {"train": ("--save_path", "--dataset", "--seed"), "test": ("--save_path", "--dataset", "--results_dir")}
 
 
@@ -65,9 +64,9 @@ class Outcome:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s [options] [-- training flags]")
-    p.add_argument("--variants", nargs="+", choices=sorted(SCRIPTS), default=["baseline", "cross_attn"],
-                   help="baseline (train.py) and/or cross_attn (train_cross_attention.py); the first is the "
-                        "reference of the comparison (default: %(default)s)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["baseline", "cross_attention"],
+                   help="registered variants to train (variants.py); the first is the reference of the comparison "
+                        "(default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[111], help="training seeds (default: %(default)s)")
     p.add_argument("--train_dataset", default="VisA", help="training set of every run (default: %(default)s)")
     p.add_argument("--test_datasets", nargs="+", default=["MVTec"],
@@ -122,7 +121,9 @@ def build_runs(args: argparse.Namespace, train_flags: list[str], test_flags: lis
     the extra flags wins)."""
     out, logs = Path(args.out), Path(args.out) / "logs"
     device = ["--device", "cpu"] if cpu else []
-    epochs = {v: check_flags(train_flags, SCRIPTS[v].get_parser(), "train", []).image_epoch for v in args.variants}
+    variants = {name: VARIANTS[name] for name in args.variants}
+    epochs = {v: check_flags(train_flags, get_train_parser(variants[v], ""), "train", []).image_epoch
+              for v in args.variants}
     if min(epochs.values()) < 1:
         raise UserError("--image_epoch 0 trains no image adapter: nothing to evaluate")
     runs = []
@@ -130,10 +131,13 @@ def build_runs(args: argparse.Namespace, train_flags: list[str], test_flags: lis
         for variant in args.variants:
             name, save = f"{variant}_seed{seed}", out / f"{variant}_seed{seed}"
             last = test_args.epoch if test_args.epoch is not None else epochs[variant]
-            suffix = f"_{test_args.text_context or 'image'}" if variant == "cross_attn" else ""
-            jobs = [Job(f"{name} train", [sys.executable, str(REPO / f"{SCRIPTS[variant].__name__}.py"), "--dataset",
-                                          args.train_dataset, "--seed", str(seed), "--save_path", str(save),
-                                          *device, *train_flags],
+            options = copy.copy(test_args)
+            variants[variant].finish_test_args(options)
+            suffix = variants[variant].result_suffix(options)
+            script = variants[variant].train_script
+            own = ["--variant", variant] if script == "train.py" and variant != "baseline" else []
+            jobs = [Job(f"{name} train", [sys.executable, str(REPO / script), *own, "--dataset", args.train_dataset,
+                                          "--seed", str(seed), "--save_path", str(save), *device, *train_flags],
                         save / f"image_adapter_{epochs[variant]}.pth", logs / f"{name}_train.log")]
             for dataset in args.test_datasets:
                 jobs.append(Job(f"{name} test {dataset}",
@@ -232,10 +236,12 @@ def compare_commands(args: argparse.Namespace, test_args: argparse.Namespace) ->
     """compare.py per test dataset, one arm per variant (its seeds' runs)."""
     out = Path(args.out)
     arms = [f"{v}=" + ",".join(str(out / f"{v}_seed{s}") for s in args.seeds) for v in args.variants]
-    context = ["--text_context", test_args.text_context] if test_args.text_context else []
+    options = dict.fromkeys(flag for variant in VARIANTS.values() for flag in test_flags(variant).items())
+    given = [x for (dest, flag) in options if getattr(test_args, dest) is not None
+             for x in (flag, str(getattr(test_args, dest)))]
     epoch = ["--epoch", str(test_args.epoch)] if test_args.epoch is not None else []
     return [[sys.executable, str(REPO / "compare.py"), *arms, "--dataset", d, "--out", str(out / f"compare_{d}"),
-             *context, *epoch] for d in args.test_datasets]
+             *given, *epoch] for d in args.test_datasets]
 
 
 @cli_main
@@ -245,7 +251,9 @@ def main() -> None:
     for key in ("variants", "seeds", "test_datasets"):  # a repeated value would run twice into one folder
         setattr(args, key, list(dict.fromkeys(getattr(args, key))))
     test_flags = shlex.split(args.test_flags)
-    test_args = check_flags(test_flags, test_script.get_parser(), "test", ["--save_path", args.out])
+    test_parser = get_test_parser()
+    add_variant_test_args(test_parser)
+    test_args = check_flags(test_flags, test_parser, "test", ["--save_path", args.out])
     gpus = args.gpus if args.gpus is not None else visible_gpus()
     runs = build_runs(args, train_flags, test_flags, test_args, cpu=not gpus)
     if args.dry_run:

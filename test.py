@@ -1,4 +1,4 @@
-"""Evaluate a trained AA-CLIP (baseline or cross-attention) on a dataset's test split, spec §7.
+"""Evaluate a trained AA-CLIP (baseline or cross-attention) on a dataset's test split.
 
     python test.py --save_path ckpt/baseline --dataset MVTec
     python test.py --save_path ckpt/baseline --dataset MVTec --all_epochs --visualize
@@ -14,8 +14,6 @@ import argparse
 import csv
 import json
 import math
-import re
-import sys
 import time
 from pathlib import Path
 
@@ -24,124 +22,35 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from cli import (RANDOM_WEIGHTS_BANNER, cli_main, epoch_checkpoints, get_test_parser, load_dataset, load_image_adapter,
+                 load_model, parse_run_args)
 from dataset import ADDataset, get_dataset_info
-from forward_utils_cross_attention import CROSS_ATTN_CKPT, cross_attention_anchor_fn, load_cross_attention_model
-from forward_utils import AnchorFn, PromptBank, anomaly_map, class_anchor_fn, image_logits
+from engine import ImageForwardFn, fast_image_forward
+from forward_utils import AnchorFn, PromptBank, anomaly_map, image_logits
 from metrics import METRIC_NAMES, NonFiniteError, mean_metrics, metrics_eval
 from model import AdaptedCLIP, get_tokenizer
-from train import ARCH_KEYS, add_data_args, add_model_args, build_model, load_dataset, resolve_precision
-from utils import (RANDOM_WEIGHTS_BANNER, UserError, autocast, cli_main, ensure_writable_dir, gather_rows,
-                   init_distributed, is_main, load_checkpoint, load_module_state, rank, same_outcome,
-                   seed_everything, setup_logger, shard, world_size)
-
-
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    add_data_args(p, default_dataset="MVTec")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--save_path", required=True, help="folder written by train.py or train_cross_attention.py")
-    g.add_argument("--epoch", type=int, default=None,
-                   help="evaluate image_adapter_<epoch>.pth (default: the last epoch)")
-    g.add_argument("--all_epochs", action="store_true", help="evaluate every saved epoch, in numeric order")
-    g.add_argument("--batch_size", type=int, default=8,
-                   help="images per forward pass (per process under torchrun) (default: %(default)s)")
-    g.add_argument("--text_context", choices=["image", "none"], default=None,
-                   help="cross-attention runs only: anchors from each test image's own context (the default), "
-                        "or with the cross-attention bypassed")
-    g.add_argument("--visualize", action="store_true",
-                   help="save image | ground truth | anomaly map panels under <results>/vis/ (rank 0 under torchrun)")
-    g.add_argument("--results_dir", default=None, help="where tables go (default: <save_path>/results)")
-    return p
-
-
-def apply_saved_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                     argv: list[str] | None = None) -> argparse.Namespace:
-    """Fills the model flags the command line did not give from `<save_path>/args.json` (written by
-    training), and sets `args.variant` and the cross-attention sizes."""
-    argv = sys.argv[1:] if argv is None else argv
-    given = {a.dest for a in parser._actions if any(o == arg or arg.startswith(o + "=")
-                                                     for o in a.option_strings for arg in argv)}
-    save_dir = Path(args.save_path)
-    if not save_dir.is_dir():
-        raise UserError(f"--save_path {save_dir} does not exist; train first or fix the path")
-    saved_path = save_dir / "args.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
-    for key in ARCH_KEYS + ("pretrained", "text_adapt_weight", "image_adapt_weight", "surgery_batch_mixing"):
-        if key in saved and key not in given and hasattr(args, key):
-            setattr(args, key, saved[key])
-    args.variant = detect_variant(save_dir, saved)
-    if getattr(args, "text_context", None) is not None and args.variant != "cross_attention":
-        raise UserError(f"--text_context is for cross-attention runs; {save_dir} holds a baseline run: drop the flag")
-    if hasattr(args, "text_context"):
-        args.text_context = args.text_context or "image"
-    # Training seeds before it builds the model: with --pretrained none the same seed redraws its backbone.
-    args.seed = saved.get("seed", 111)  # 111: train.py's default
-    args.cross_attn_heads = saved.get("cross_attn_heads", 8)
-    args.cross_attn_dropout = saved.get("cross_attn_dropout", 0.1)
-    return args
+from utils.distributed import gather_rows, init_distributed, is_main, rank, same_outcome, shard, world_size
+from utils.errors import UserError
+from utils.io import ensure_writable_dir, setup_logger
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = get_parser()
-    return apply_saved_args(parser, parser.parse_args(argv), argv)
-
-
-def detect_variant(save_dir: Path, saved: dict) -> str:
-    if (save_dir / CROSS_ATTN_CKPT).exists() or saved.get("variant") == "cross_attention":
-        return "cross_attention"
-    return "baseline"
-
-
-def epoch_checkpoints(save_dir: Path) -> dict[int, Path]:
-    """`image_adapter_<k>.pth` files by k; a lone `image_adapter.pth` counts as its own epoch."""
-    found = {int(m.group(1)): p for p in save_dir.glob("image_adapter_*.pth")
-             if (m := re.fullmatch(r"image_adapter_(\d+)\.pth", p.name))}
-    if not found and (save_dir / "image_adapter.pth").exists():
-        found[int(load_checkpoint(save_dir / "image_adapter.pth")["epoch"])] = save_dir / "image_adapter.pth"
-    if not found:
-        raise UserError(f"no image_adapter*.pth in {save_dir}; train Stage 2 first (train.py --image_epoch > 0)")
-    return dict(sorted(found.items()))
-
-
-def load_model(args: argparse.Namespace, device: torch.device) -> tuple[AdaptedCLIP, bool]:
-    """The model with its trained text side loaded; returns (model, text adapter trained?)."""
-    save_dir = Path(args.save_path)
-    seed_everything(args.seed)
-    if args.variant == "cross_attention":
-        return load_cross_attention_model(args, device), True
-    if (save_dir / CROSS_ATTN_CKPT).exists():
-        raise UserError(f"{save_dir} holds a cross-attention run; evaluate it without forcing the baseline")
-    model = build_model(args).to(device)
-    text_ckpt = save_dir / "text_adapter.pth"
-    if not text_ckpt.exists():
-        return model, False
-    ckpt = load_checkpoint(text_ckpt)
-    if "text_cross_attn" in ckpt:
-        raise UserError(f"{text_ckpt} is a cross-attention checkpoint (it holds text_cross_attn); put the baseline "
-                        f"run's text_adapter.pth there, or name this file {CROSS_ATTN_CKPT} in a cross-attention run")
-    load_module_state(model.text_adapter, ckpt, "text_adapter", text_ckpt)
-    return model, True
-
-
-def make_anchor_fn(args: argparse.Namespace, model: AdaptedCLIP, bank: PromptBank, text_trained: bool) -> AnchorFn:
-    if args.variant == "cross_attention":
-        return cross_attention_anchor_fn(model, bank, args.text_context)
-    return class_anchor_fn(model, bank, adapt=text_trained)
+    """The flags, with the model flags the command line did not give from the run's args.json."""
+    return parse_run_args(lambda: get_test_parser(__doc__), argv)
 
 
 @torch.no_grad()
-def predict(model: AdaptedCLIP, loader: DataLoader, anchor_fn: AnchorFn, bank: PromptBank, domain: str,
-            device: torch.device, precision: str, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def predict(model: AdaptedCLIP, forward: ImageForwardFn, loader: DataLoader, anchor_fn: AnchorFn, domain: str,
+            device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Anomaly maps [N, S, S], image scores `(s + 1) / 2` [N] and ground-truth masks [N, S, S] (bool) of
-    every image, in loader order."""
+    every image, in loader order; `forward` is the model's image forward (`fast_image_forward`)."""
     maps, scores, masks = [], [], []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):
         images = batch["image"].to(device, non_blocking=True)
         class_idx = batch["class_idx"].to(device, non_blocking=True)  # rows of `bank`, built from ds.class_names
-        with autocast(device, precision):
+        with model.autocast():
             anchors = anchor_fn(images, class_idx)
-            seg_tokens, det_token = model(images)
+            seg_tokens, det_token = forward(images)
         maps.append(anomaly_map(seg_tokens, anchors, model.grid, images.shape[-1], domain))
         scores.append((image_logits(det_token, anchors)[:, 1] + 1) / 2)
         masks.append(batch["mask"][:, 0].to(device, non_blocking=True).bool())
@@ -240,17 +149,10 @@ def visualize(ds: ADDataset, maps: torch.Tensor, out_dir: Path) -> None:
         plt.close(fig)
 
 
-def load_image_adapter(model: AdaptedCLIP, path: Path) -> int:
-    ckpt = load_checkpoint(path)
-    load_module_state(model.image_adapter, ckpt, "image_adapter", path)
-    return int(ckpt["epoch"])
-
-
 @cli_main
 def main() -> None:
     args = parse_args()
     device = init_distributed(args.device)
-    args.precision = resolve_precision(args, device)
     save_dir = Path(args.save_path)
     results_dir = Path(args.results_dir or save_dir / "results")
     with same_outcome():  # every rank validates and loads; rank 0 alone writes
@@ -274,7 +176,7 @@ def main() -> None:
         ds = load_dataset(args, args.dataset, None)
         domain = get_dataset_info(args.dataset)["domain"]
         bank = PromptBank(get_tokenizer(args.model), args.dataset, ds.class_names).to(device)
-        anchor_fn = make_anchor_fn(args, model, bank, text_trained)
+        anchor_fn = args.variant.anchor_fn(model, bank, args, "test", text_trained)
         if is_main():
             ensure_writable_dir(results_dir, "--results_dir")
         logger = setup_logger(results_dir, "test")
@@ -282,11 +184,12 @@ def main() -> None:
     if banner:
         logger.info(banner)
     loader, counts = shard_loader(ds, args.batch_size, args.num_workers, device)
-    suffix = f"_{args.text_context}" if args.variant == "cross_attention" else ""
+    suffix = args.variant.result_suffix(args)
+    forward = fast_image_forward(model, args.compile)
     for epoch, path in chosen:
         load_image_adapter(model, path)
         t0 = time.perf_counter()
-        local = predict(model, loader, anchor_fn, bank, domain, device, args.precision,
+        local = predict(model, forward, loader, anchor_fn, domain, device,
                         f"{args.dataset} epoch {epoch}") if counts[rank()] else None
         gathered = gather_rows(local, counts)
         if not is_main():
@@ -299,14 +202,14 @@ def main() -> None:
         on = f" on {world_size()} processes" if world_size() > 1 else ""
         logger.info(f"{len(ds)} images{on}: model built in {t_model:.1f} s, images read and scored in "
                     f"{t1 - t0:.1f} s, metrics in {time.perf_counter() - t1:.1f} s")
-        title = (f"{args.dataset} | {args.variant}{suffix} | {path.name} | {args.model} pretrained={args.pretrained}"
+        title = (f"{args.dataset} | {args.variant.name}{suffix} | {path.name} | {args.model} pretrained={args.pretrained}"
                  + (f"\n{banner}" if banner else ""))
         logger.info("\n" + format_table(results, title))
         out = results_dir / f"{args.dataset}_epoch{epoch}{suffix}"
         save_results(results, out, {"dataset": args.dataset, "epoch": epoch, "checkpoint": str(path),
-                                    "variant": args.variant + suffix, "model": args.model,
+                                    "variant": args.variant.name + suffix, "model": args.model,
                                     "pretrained": args.pretrained, "random_weights": bool(banner),
-                                    "precision": args.precision, "image_size": args.image_size})
+                                    "precision": model.precision, "image_size": args.image_size})
         save_image_scores(ds, maps, scores, out.with_name(out.name + "_images.csv"))
         logger.info(f"saved {out}.csv, {out}.json and {out}_images.csv")
         if args.visualize:

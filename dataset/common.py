@@ -4,10 +4,12 @@ import copy
 import json
 from pathlib import Path
 
+from utils.errors import UserError
+
 CONSTANTS_PATH = Path(__file__).with_name("constants.json")
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """Bad dataset input: the message names the file (and line) at fault and says how to fix it."""
 
 

@@ -1,4 +1,4 @@
-"""AA-CLIP's adapters around a frozen open_clip CLIP (spec §2, §3).
+"""AA-CLIP's adapters around a frozen open_clip CLIP.
 
 Every transformer block is run through `block_forward`, which reuses the block's own weights with
 `F.scaled_dot_product_attention`, so the same code serves plain, causal (text) and V-V "surgery"
@@ -6,11 +6,11 @@ attention, and runs flash attention under bf16 autocast.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from utils.errors import UserError
 
 
 class SimpleAdapter(nn.Module):
@@ -74,7 +74,7 @@ def block_forward(
 ) -> torch.Tensor:
     """One open_clip `ResidualAttentionBlock` (pre-norm, residual, MLP, layer scale). x: [B, L, C].
 
-    `batch_mixing` reproduces the original AA-CLIP defect (spec §3): its V-V attention received a
+    `batch_mixing` reproduces the original AA-CLIP defect: its V-V attention received a
     sequence-first tensor as if it were batch-first, so it attends across the images of the batch at
     each token position. Transposing B and L around the attention computes exactly that.
 
@@ -147,9 +147,9 @@ class AdaptedCLIP(nn.Module):
         self.surgery_until_layer = surgery_until_layer or default_surgery_until_layer(self.vision_depth)
         self.surgery_batch_mixing = surgery_batch_mixing
         if not 1 <= self.surgery_until_layer - 1 <= self.vision_depth:
-            raise ValueError(f"surgery_until_layer {self.surgery_until_layer} outside 2..{self.vision_depth + 1}")
+            raise UserError(f"surgery_until_layer {self.surgery_until_layer} outside 2..{self.vision_depth + 1}")
         if max(self.levels) > self.vision_depth or min(self.levels) < 1:
-            raise ValueError(f"levels {self.levels} outside 1..{self.vision_depth}")
+            raise UserError(f"levels {self.levels} outside 1..{self.vision_depth}")
 
         self.text_adapter = nn.ModuleList(
             [SimpleAdapter(text_width, text_width) for _ in range(self.text_adapt_until)]
@@ -164,25 +164,29 @@ class AdaptedCLIP(nn.Module):
         })
         xavier_init(self.text_adapter)
         xavier_init(self.image_adapter)
-        self.compiled_forward: Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]] | None = None
-        self.compiled_batch: dict[bool, int] = {}
 
     @property
     def backbone_dtype(self) -> torch.dtype:
         return self.clip.ln_final.weight.dtype
 
+    @property
+    def precision(self) -> str:
+        """"bf16" or "fp32", as `--precision` settled it when the model was built."""
+        return "bf16" if self.backbone_dtype == torch.bfloat16 else "fp32"
+
+    def autocast(self) -> torch.autocast:
+        """The one precision context of every forward: bf16 autocast when the backbone is stored in bf16
+        (`--precision bf16`: fp32 adapter weights, fp32 logits and losses), disabled for an fp32 backbone.
+        No weight-cast cache: every adapter weight is used once per forward, and CUDA-graph capture
+        (Stage 2) does not allow the cache."""
+        device_type = self.clip.ln_final.weight.device.type
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.backbone_dtype == torch.bfloat16,
+                              cache_enabled=False)
+
     def set_backbone_dtype(self, dtype: torch.dtype) -> None:
         """Stores the frozen CLIP in `dtype` (bf16 for `--precision bf16`): its blocks then run in bf16
         without autocast casts; the trained adapters keep fp32 weights and run under autocast."""
         self.clip.to(dtype)
-
-    def compile_image_forward(self) -> None:
-        """Runs the adapted image path (Stage 2 and test) through `torch.compile`: fuses the norms,
-        activations and residual adds of all blocks (H200, ViT-L at 518 px: test forward 406 -> 438 img/s,
-        Stage 2 at batch 16 140 -> 170 img/s). Compiling took 20-28 s without grad and 48-69 s with grad
-        there, so only the first batch size seen in each grad mode is compiled; other sizes (a loader's
-        smaller last batch) run eagerly instead of paying another compilation."""
-        self.compiled_forward = torch.compile(self.image_forward, dynamic=False)
 
     def train(self, mode: bool = True) -> "AdaptedCLIP":
         """The frozen CLIP always stays in eval mode."""
@@ -260,11 +264,6 @@ class AdaptedCLIP(nn.Module):
         return self.clip.visual.ln_post(tokens) @ self.clip.visual.proj
 
     def forward(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """`image_forward`, compiled where `compile_image_forward` asked for it."""
-        if self.compiled_forward is not None:
-            batch = self.compiled_batch.setdefault(torch.is_grad_enabled(), image.shape[0])
-            if image.shape[0] == batch:
-                return self.compiled_forward(image)
         return self.image_forward(image)
 
     def image_forward(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -288,7 +287,7 @@ class AdaptedCLIP(nn.Module):
     def stage1_features(
         self, image: torch.Tensor, levels: list[int] | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Stage-1 patch features of the non-adapted CLIP (spec §3).
+        """Stage-1 patch features of the non-adapted CLIP.
 
         `P_l = normalize(proj(ln_post(surgery_tokens_l[:, 1:]))) + normalize(cls)[:, None]` for each
         level l, where the surgery path uses V-V attention from block `surgery_start` on and `cls` is the

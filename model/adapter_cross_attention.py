@@ -1,5 +1,5 @@
 """AA-CLIP with vision-aware text anchors: cross-attention from the text tokens to the image's patches
-after text block 1 (layer 0), before `text_adapter[0]` (docs: cross-attention-plan)."""
+after text block 1 (layer 0), before `text_adapter[0]`."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.adapter import AdaptedCLIP, block_forward
+from utils.errors import UserError
 
 
 class CrossAttentionModule(nn.Module):
@@ -19,7 +20,7 @@ class CrossAttentionModule(nn.Module):
     def __init__(self, dim: int, context_dim: int, num_heads: int = 8, dropout: float = 0.1):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"text width {dim} is not divisible by {num_heads} heads")
+            raise UserError(f"text width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.dropout = dropout
         self.q_proj = nn.Linear(dim, dim)

@@ -10,7 +10,7 @@ import open_clip
 import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
-from utils import UserError
+from utils.errors import UserError
 
 open_clip.add_model_config(Path(__file__).parent / "configs")
 

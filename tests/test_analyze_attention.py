@@ -13,10 +13,10 @@ import train_cross_attention
 from analyze_attention import (build_prompt, grounding_ratio, mask_to_grid, parse_args, run, token_attention,
                                word_maps, word_token_spans)
 from dataset import synthetic
-from forward_utils_cross_attention import load_cross_attention_model
+from cli import load_model
 from model import get_tokenizer
-from train import load_dataset
-from utils import UserError
+from cli import load_dataset
+from utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_mask_to_grid_averages_per_patch():
 
 def test_refuses_a_baseline_run(tmp_path):
     (tmp_path / "args.json").write_text(json.dumps({"variant": "baseline", "model": "tiny"}))
-    with pytest.raises(UserError, match="not a cross-attention run"):
+    with pytest.raises(UserError, match="holds a baseline run, which has no cross-attention"):
         parse_args(["--save_path", str(tmp_path)])
 
 
@@ -121,7 +121,7 @@ def test_end_to_end_writes_figures_and_table(trained):
 
 def test_attention_rows_sum_to_one(trained, tokenizer):
     args = parse_args([*(x for kv in trained.items() for x in kv)])
-    model = load_cross_attention_model(args, torch.device("cpu")).eval()
+    model = load_model(args, torch.device("cpu"))[0].eval()
     ds = load_dataset(args, args.dataset, None)
     images = torch.stack([ds[i]["image"] for i in range(2)])
     prompts = [build_prompt(tokenizer, t, "disc") for t in ("a photo of a damaged {}.", "a {} with flaw.")]

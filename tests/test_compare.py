@@ -1,4 +1,5 @@
 """Tests for compare.py: arm parsing, result selection, aggregation, paired tests, CLI errors and outputs."""
+import argparse
 import csv
 import json
 import subprocess
@@ -12,11 +13,17 @@ import scipy.stats
 import compare
 from compare import aggregate, deltas, load_run, paired_tests, parse_arm
 from metrics import METRIC_NAMES, mean_metrics
-from utils import RANDOM_WEIGHTS_BANNER, UserError
+from cli import RANDOM_WEIGHTS_BANNER
+from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["bottle", "cable", "screw", "wood"]
 SEEDS = [1, 2, 3]
+
+
+def opts(text_context: str | None) -> argparse.Namespace:
+    """compare.py's test options as its command line gives them."""
+    return argparse.Namespace(text_context=text_context)
 
 
 def write_run(run: Path, seed: int | None, per_class: dict, epoch: int = 1, context: str | None = None,
@@ -53,7 +60,7 @@ def two_arms(tmp_path) -> dict[str, list[dict]]:
     arms = {}
     for spec in (f"{tmp_path}/base_seed*", f"{tmp_path}/cross_seed*"):
         label, paths = parse_arm(spec)
-        arms[label] = [load_run(p, "MVTec", None, "image") for p in paths]
+        arms[label] = [load_run(p, "MVTec", None, opts("image")) for p in paths]
     return arms
 
 
@@ -83,29 +90,29 @@ def test_load_run_picks_largest_epoch_numerically(tmp_path):
     run = tmp_path / "run"
     write_run(run, 1, values(0.0, 1), epoch=2)
     write_run(run, 1, values(5.0, 1), epoch=10)
-    assert load_run(run, "MVTec", None, "image")["epoch"] == 10
-    picked = load_run(run, "MVTec", 2, "image")
+    assert load_run(run, "MVTec", None, opts("image"))["epoch"] == 10
+    picked = load_run(run, "MVTec", 2, opts("image"))
     assert picked["epoch"] == 2 and picked["per_class"] == values(0.0, 1)
-    assert load_run(run, "MVTec", None, "image")["seed"] == 1
+    assert load_run(run, "MVTec", None, opts("image"))["seed"] == 1
 
 
 def test_load_run_cross_attention_text_context(tmp_path):
     run = tmp_path / "cross"
     write_run(run, 1, values(0.0, 1), context="image")
     write_run(run, 1, values(3.0, 1), context="none")
-    assert load_run(run, "MVTec", None, "image")["file"].name == "MVTec_epoch1_image.json"
-    assert load_run(run, "MVTec", None, "none")["per_class"] == values(3.0, 1)
+    assert load_run(run, "MVTec", None, opts("image"))["file"].name == "MVTec_epoch1_image.json"
+    assert load_run(run, "MVTec", None, opts("none"))["per_class"] == values(3.0, 1)
 
 
 def test_missing_result_names_folder_and_command(tmp_path):
     run = write_run(tmp_path / "run", 1, values(0.0, 1), epoch=3)
     with pytest.raises(UserError) as e:
-        load_run(run, "MVTec", 5, "image")
+        load_run(run, "MVTec", 5, opts("image"))
     assert str(run / "results") in str(e.value)
     assert f"python test.py --save_path {run} --dataset MVTec --epoch 5" in str(e.value)
     assert "[3]" in str(e.value)  # the epochs it does have
     with pytest.raises(UserError, match="--dataset VisA"):
-        load_run(run, "VisA", None, "image")
+        load_run(run, "VisA", None, opts("image"))
 
 
 def test_cli_missing_result_exits_2_without_traceback(tmp_path):
@@ -170,7 +177,7 @@ def test_paired_tests_match_scipy(two_arms):
 
 def test_paired_tests_leave_out_unmatched_seeds(two_arms, tmp_path):
     odd = write_run(tmp_path / "cross_seed7", 7, values(1.0, 7), context="image")
-    two_arms["cross"][2] = load_run(odd, "MVTec", None, "image")
+    two_arms["cross"][2] = load_run(odd, "MVTec", None, opts("image"))
     rows, notes = paired_tests(two_arms, ["image_auroc"])
     cross, base = hand_pairs(two_arms, [1, 2], "image_auroc")
     assert rows[0]["n"] == 8
@@ -185,7 +192,7 @@ def test_one_run_per_arm_pairs_over_classes(two_arms):
     cross, base = hand_pairs(arms, [1], "image_ap")
     assert row["pairing"] == "pairs over classes (one run per arm)" and row["n"] == len(CLASSES)
     assert row["wilcoxon_p"] == pytest.approx(scipy.stats.wilcoxon(cross - base).pvalue)
-    assert "pairs over classes (one run per arm)" in compare.report(arms, ["image_ap"], "MVTec", None, "image")
+    assert "pairs over classes (one run per arm)" in compare.report(arms, ["image_ap"], "MVTec", None, opts("image"))
 
 
 def test_identical_arms_give_p_one(two_arms):

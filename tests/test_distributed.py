@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine
 import train
-from utils import shard
+from utils.distributed import shard
 from conftest import tiny_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,12 +54,12 @@ def ckpt(path):
 
 
 def test_rank_slices_split_each_global_batch():
-    order = train.EpochSampler(12, seed=3)
-    slices = [list(train.RankSlices(order, 5, r, 2)) for r in range(2)]
+    order = engine.EpochSampler(12, seed=3)
+    slices = [list(engine.RankSlices(order, 5, r, 2)) for r in range(2)]
     assert [len(s) for s in slices[0]] == [3, 3, 1] and [len(s) for s in slices[1]] == [2, 2, 1]
     assert [a + b for a, b in zip(*slices)] == [order.items[i:i + 5] for i in (0, 5, 10)]
-    assert list(train.RankSlices(train.EpochSampler(12, 3), 11, 1, 2))[1] == []
-    assert train.collate_or_none([]) is None
+    assert list(engine.RankSlices(engine.EpochSampler(12, 3), 11, 1, 2))[1] == []
+    assert engine.collate_or_none([]) is None
     assert [list(shard(7, 3, i)) for i in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
 
 

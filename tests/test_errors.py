@@ -232,7 +232,7 @@ def test_cross_attention_checkpoint_as_baseline_text_adapter(data, runs, copy_ru
     shutil.copy(runs / "cross_attention" / "text_adapter_cross_attn.pth", save / "text_adapter.pth")
     before = listing(save)
     msg = fail(test_script, ["--save_path", str(save), *data_args(data)], monkeypatch, capsys)
-    has(msg, str(save / "text_adapter.pth"), "cross-attention")
+    has(msg, str(save / "text_adapter.pth"), "is a cross_attention checkpoint", "put the baseline run's text_adapter.pth there")
     assert_unchanged(save, before)
 
 
@@ -323,7 +323,6 @@ def test_unwritable_output_folder(script, data, runs, tmp_path, monkeypatch, cap
 def test_non_finite_map_stops_test_py_before_writing(data, copy_run, monkeypatch, capsys):
     """One inf pixel in a class's maps: test.py names the class and the count and writes no results."""
     save = copy_run("baseline")
-    before = listing(save)
     predict = test_script.predict
 
     def poisoned(*args, **kwargs):

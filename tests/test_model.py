@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from model import AdaptedCLIP, build_clip, get_tokenizer, load_state_dict_file
 from model.adapter import block_forward, default_levels, default_surgery_until_layer
-from utils import UserError
+from utils.errors import UserError
 
 SIZE = 56  # 4 x 4 patches of 14 px
 
@@ -95,28 +95,6 @@ def test_patch_embed_equals_conv1(clip):
         with torch.no_grad():
             ref = clip.visual.conv1(image).flatten(2).transpose(1, 2)
             torch.testing.assert_close(m.patch_embed(image), ref, rtol=0, atol=1e-5)
-
-
-def test_compiled_forward_serves_the_first_batch_size_of_each_grad_mode(clip):
-    """`compile_image_forward`: the first batch size seen with and without grad goes through the compiled
-    function, other sizes run eagerly (no recompilation), and both give `image_forward`'s result."""
-    m = AdaptedCLIP(clip)
-    m.compile_image_forward()
-    calls = []
-
-    def recording(image):
-        calls.append((image.shape[0], torch.is_grad_enabled()))
-        return m.image_forward(image)
-
-    m.compiled_forward = recording
-    images = {b: torch.randn(b, 3, SIZE, SIZE) for b in (1, 2)}
-    for b, grad in [(2, True), (1, True), (2, True), (1, False), (2, False)]:
-        with torch.set_grad_enabled(grad):
-            seg, det = m(images[b])
-            ref_seg, ref_det = m.image_forward(images[b])
-        torch.testing.assert_close(det, ref_det, rtol=0, atol=0)
-        torch.testing.assert_close(seg, ref_seg, rtol=0, atol=0)
-    assert calls == [(2, True), (2, True), (1, False)]
 
 
 def test_adapted_forward_against_manual(clip):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import cli
 import predict
 import test as test_script
 import train
@@ -63,17 +64,16 @@ def test_inputs_are_preprocessed_as_the_test_loader_does(data):
 def maps_of_test_predict(variant, runs, data):
     """Maps and scores of `test.predict` for the class's images, with test.py's own model set-up."""
     device = torch.device("cpu")
-    args = test_script.parse_args(["--save_path", str(runs / variant), *data_args(data)])
-    args.precision = "fp32"
-    model, text_trained = test_script.load_model(args, device)
-    test_script.load_image_adapter(model, test_script.epoch_checkpoints(runs / variant)[1])
+    args = test_script.parse_args(["--save_path", str(runs / variant), *data_args(data), "--precision", "fp32"])
+    model, text_trained = cli.load_model(args, device)
+    cli.load_image_adapter(model, cli.epoch_checkpoints(runs / variant)[1])
     model.eval()
     ds = ADDataset(str(data / "syn"), str(data / "meta" / "Synthetic" / "full-shot.jsonl"), image_size=56,
                    class_names=[CLASS])
     bank = PromptBank(get_tokenizer("tiny"), "Synthetic", ds.class_names)
-    anchor_fn = test_script.make_anchor_fn(args, model, bank, text_trained)
-    maps, scores, _ = test_script.predict(model, DataLoader(ds, batch_size=4), anchor_fn, bank, "Industrial", device,
-                                          "fp32", "test")
+    anchor_fn = args.variant.anchor_fn(model, bank, args, "test", text_trained)
+    maps, scores, _ = test_script.predict(model, model, DataLoader(ds, batch_size=4), anchor_fn, "Industrial", device,
+                                          "test")
     return {str(data / "syn" / s["image_path"]): (m, s_) for s, m, s_ in zip(ds.samples, maps, scores)}
 
 

@@ -43,18 +43,18 @@ def test_sweep_runs_skips_and_compares(run_sweep, tmp_path):
     assert code == 0, stdout[-2000:] + stderr[-2000:]
     assert "on the cpu" in stdout and "4 jobs ran, 0 skipped" in stdout
     results = {out / "baseline_seed1" / "results" / "Synthetic_epoch1.json",
-               out / "cross_attn_seed1" / "results" / "Synthetic_epoch1_image.json"}
+               out / "cross_attention_seed1" / "results" / "Synthetic_epoch1_image.json"}
     assert all(p.exists() for p in results)
     report = (out / "compare_Synthetic.md").read_text()
-    assert "| mean " in report and "baseline vs cross_attn" in report
-    assert (out / "logs" / "cross_attn_seed1_train.log").read_text().startswith("$ ")
+    assert "| mean " in report and "baseline vs cross_attention" in report
+    assert (out / "logs" / "cross_attention_seed1_train.log").read_text().startswith("$ ")
     checkpoint = out / "baseline_seed1" / "image_adapter_1.pth"
     mtime = checkpoint.stat().st_mtime_ns
 
-    (out / "cross_attn_seed1" / "results" / "Synthetic_epoch1_image.json").unlink()
+    (out / "cross_attention_seed1" / "results" / "Synthetic_epoch1_image.json").unlink()
     code, stdout, stderr = run_sweep(out)
     assert code == 0, stderr[-2000:]
-    assert "1 jobs ran, 3 skipped" in stdout and "start cross_attn_seed1 test Synthetic" in stdout
+    assert "1 jobs ran, 3 skipped" in stdout and "start cross_attention_seed1 test Synthetic" in stdout
     assert checkpoint.stat().st_mtime_ns == mtime and all(p.exists() for p in results)
 
     code, stdout, _ = run_sweep(out, "--dry_run")

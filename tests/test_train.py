@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
+import engine
 import test as test_script
 import train
 import train_cross_attention
@@ -60,7 +62,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path, monkey
     if module is train_cross_attention:
         expected.add("text_cross_attn")
     assert keys == expected
-    assert "resuming" not in (full / "train.log").read_text()
+    assert "loaded" not in (full / "train.log").read_text()  # an uninterrupted run never resumes
     log = (parts / "train.log").read_text()
     assert "stage 1 epoch 2/2" in log and "loaded" in log
 
@@ -98,7 +100,7 @@ def test_evaluation_of_both_variants(data, trained, monkeypatch, capsys):
 def test_epoch_checkpoints_in_numeric_order(tmp_path):
     for k in (10, 2, 1):
         (tmp_path / f"image_adapter_{k}.pth").write_bytes(b"")
-    assert list(test_script.epoch_checkpoints(tmp_path)) == [1, 2, 10]
+    assert list(cli.epoch_checkpoints(tmp_path)) == [1, 2, 10]
 
 
 def test_signal_mid_epoch_saves_and_resumes_exactly(data, tmp_path, monkeypatch):
@@ -107,23 +109,23 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(data, tmp_path, monkeypatch)
     argv = common(data) + ["--training_mode", "full_shot", "--text_epoch", "2", "--image_epoch", "1"]
     run(train_cross_attention, argv + ["--save_path", str(tmp_path / "full")], monkeypatch)
 
-    real_step, calls = train.text_adapter_step, []
+    real_step, calls = engine.text_adapter_step, []
 
     def step_then_signal(*a, **k):
         calls.append(1)
         if len(calls) == 3:
-            train.STOP.signum = signal.SIGINT
+            engine.STOP.signum = signal.SIGINT
         return real_step(*a, **k)
 
-    monkeypatch.setattr(train, "text_adapter_step", step_then_signal)
+    monkeypatch.setattr(engine, "text_adapter_step", step_then_signal)
     with pytest.raises(SystemExit) as exit_info:
         run(train_cross_attention, argv + ["--save_path", str(tmp_path / "cut")], monkeypatch)
     assert exit_info.value.code == 128 + signal.SIGINT
     ckpt = torch.load(tmp_path / "cut" / "text_adapter_cross_attn.pth", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (0, 3)
     assert not (tmp_path / "cut" / "image_adapter.pth").exists()
-    train.STOP.signum = None
-    monkeypatch.setattr(train, "text_adapter_step", real_step)
+    engine.STOP.signum = None
+    monkeypatch.setattr(engine, "text_adapter_step", real_step)
     run(train_cross_attention, argv + ["--save_path", str(tmp_path / "cut")], monkeypatch)
     for name in ("text_adapter_cross_attn.pth", "image_adapter.pth"):
         assert_same_state(state(tmp_path / "full" / name), state(tmp_path / "cut" / name))
@@ -167,14 +169,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     argv = common(data) + ["--save_path", str(tmp_path / "run"), "--text_epoch", "1", "--image_epoch", "2"]
     run(train, [*argv[:-1], "1"], monkeypatch)
     good = (tmp_path / "run" / "image_adapter.pth").read_bytes()
-    real_step, calls = train.image_adapter_step, []
+    real_step, calls = engine.image_adapter_step, []
 
     def nan_on_second_call(*a, **k):
         calls.append(1)
         loss = real_step(*a, **k)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(train, "image_adapter_step", nan_on_second_call)
+    monkeypatch.setattr(engine, "image_adapter_step", nan_on_second_call)
     with pytest.raises(SystemExit) as exit_info:
         run(train, argv, monkeypatch)
     assert exit_info.value.code == 2

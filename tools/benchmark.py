@@ -34,8 +34,8 @@ from forward_utils import (PromptBank, anomaly_map, class_anchor_fn, get_adapted
 from forward_utils_cross_attention import cross_attention_anchor_fn  # noqa: E402
 from model import AdaptedCLIP, build_clip, get_tokenizer  # noqa: E402
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention  # noqa: E402
-from train import CudaGraphForward, image_adapter_step, text_adapter_step  # noqa: E402
-from utils import RANDOM_WEIGHTS_BANNER, autocast, cli_main  # noqa: E402
+from cli import RANDOM_WEIGHTS_BANNER, cli_main  # noqa: E402
+from engine import fast_image_forward, image_adapter_step, text_adapter_step  # noqa: E402
 
 MVTEC_CLASSES = list(get_dataset_info("MVTec")["classes"])
 
@@ -108,9 +108,7 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
     label = precision + ("+compile" if compiled else "")
     flops = model_flops(base)
     bank = PromptBank(get_tokenizer(model_name), "MVTec", MVTEC_CLASSES).to(device)
-    # "amp": bf16 autocast over the fp32-stored backbone; "bf16": the backbone stored and run in bf16.
-    args = argparse.Namespace(precision="fp32" if precision == "fp32" else "bf16", stage1_all_levels=False,
-                              text_norm_weight=0.1)
+    args = argparse.Namespace(stage1_all_levels=False, text_norm_weight=0.1)
 
     def record(name, batch, seconds, flop):
         ips = batch / seconds
@@ -136,7 +134,7 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
         opt = torch.optim.Adam(params, lr=1e-5, betas=(0.5, 0.999))
         anchor_fn = fn_factory(model)
         model.train()
-        t = cuda_time(lambda: text_adapter_step(model, batch, opt, anchor_fn, bank, args, device), steps, 2, device)
+        t = cuda_time(lambda: text_adapter_step(model, batch, opt, anchor_fn, args, device), steps, 2, device)
         record(name, cfg.stage1_batch, t, flops["stage1"])
 
     base.text_adapter.load_state_dict(text_start)  # Stage 2 from the same weights with and without --compile
@@ -146,9 +144,6 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
     base.train()
     for b in cfg.stage2_batches:
         batch = fake_batch(b, size, device)
-        if compiled:  # a fresh compilation for this batch size
-            base.compiled_batch = {}
-            base.compile_image_forward()
         losses = {}
         graphs = [True] if compiled else ([False, True] if device.type == "cuda" else [False])
         for graph in graphs:
@@ -156,10 +151,10 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
             base.image_adapter.load_state_dict(start)
             opt = torch.optim.Adam(base.image_adapter.parameters(), lr=5e-4, betas=(0.5, 0.999))
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, [16000, 32000], 0.5)
-            forward = CudaGraphForward(base, b, args.precision, device) if graph else None
+            forward = fast_image_forward(base, compiled, b if graph else None)  # a fresh compilation per size
             out = losses.setdefault(graph, [])
-            t = cuda_time(lambda: out.append(image_adapter_step(base, batch, opt, sched, anchor_fn, bank, args,
-                                                                device, image_forward=forward)), steps, 3, device)
+            t = cuda_time(lambda: out.append(image_adapter_step(base, batch, opt, sched, anchor_fn, device,
+                                                                image_forward=forward)), steps, 3, device)
             record("stage 2 (CUDA graph)" if graph else "stage 2 (eager)", b, t, flops["stage2"])
         for graph, values in losses.items():
             kind = ("graph + compile" if compiled else "CUDA graph") if graph else "eager"
@@ -173,12 +168,13 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
     reset()
     batch = fake_batch(cfg.test_batch, size, device)
     idx = batch["class_idx"]
+    forward = fast_image_forward(base, compiled)
 
     @torch.no_grad()
     def test_forward():
-        with autocast(device, args.precision):
+        with base.autocast():
             anchors = anchor_fn(batch["image"], idx)
-            seg, det = base(batch["image"])
+            seg, det = forward(batch["image"])
         anomaly_map(seg, anchors, base.grid, size, "Industrial")
         image_logits(det, anchors)
 
@@ -190,7 +186,7 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
 
     @torch.no_grad()
     def anchors_all():
-        with autocast(device, args.precision):
+        with base.autocast():
             get_adapted_text_embedding(base, bank, adapt=True)
 
     t = cuda_time(anchors_all, steps, 2, device)
@@ -290,10 +286,11 @@ def markdown(rows: list[dict], evals: dict, diffs: dict, loss_diffs: dict, devic
     return "\n".join(lines)
 
 
-def set_mode(m: AdaptedCLIP, mode: str) -> str:
-    """Stores the backbone for `mode` and returns the autocast precision."""
+def set_mode(m: AdaptedCLIP, mode: str, device: torch.device) -> torch.autocast:
+    """Stores the backbone for `mode` and returns its autocast: "amp" is bf16 autocast over the fp32-stored
+    backbone, "bf16" the backbone stored and run in bf16 (what --precision bf16 runs)."""
     m.set_backbone_dtype(torch.bfloat16 if mode == "bf16" else torch.float32)
-    return "fp32" if mode == "fp32" else "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode != "fp32", cache_enabled=False)
 
 
 def agreement_setup(model_name: str, size: int, device: torch.device) -> tuple[AdaptedCLIP, PromptBank, dict]:
@@ -311,7 +308,7 @@ def loss_agreement(model_name: str, size: int, device: torch.device, modes: list
     out = {}
     with torch.no_grad():
         for mode in modes:
-            with autocast(device, set_mode(m, mode)):
+            with set_mode(m, mode, device):
                 anchors = get_adapted_text_embedding(m, bank, True)[idx]
                 feats, _ = m.stage1_features(batch["image"])
                 l1 = stage1_loss(feats, anchors, batch["mask"], m.grid)
@@ -331,7 +328,7 @@ def map_agreement(model_name: str, size: int, device: torch.device, modes: list[
     maps = {}
     with torch.no_grad():
         for mode in modes:
-            with autocast(device, set_mode(m, mode)):
+            with set_mode(m, mode, device):
                 anchors = get_adapted_text_embedding(m, bank, True)[idx]
                 seg, _ = m(batch["image"])
             maps[mode] = anomaly_map(seg, anchors, m.grid, size, "Industrial").double().flatten(1)
@@ -379,7 +376,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, stage2_agreement = [], {}
     if not args.skip_steps:
-        runs = [(precision, False) for precision in args.precisions] + ([("bf16", True)] if args.compile else [])
+        # Training and test rows follow the backbone's stored precision, as the scripts run: no "amp" rows.
+        runs = ([(precision, False) for precision in args.precisions if precision != "amp"]
+                + ([("bf16", True)] if args.compile else []))
         for precision, compiled in runs:
             new_rows, agreement = bench_steps(args.model, args.image_size, precision, device, args.steps, args,
                                               compiled)

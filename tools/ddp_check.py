@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from forward_utils import PromptBank, class_anchor_fn  # noqa: E402
 from model import AdaptedCLIP, build_clip, get_tokenizer  # noqa: E402
 from tools.benchmark import MVTEC_CLASSES, fake_batch, fake_run, make_mvtec_like  # noqa: E402
-from train import CudaGraphForward, GradMean, image_adapter_step, text_adapter_step  # noqa: E402
-from utils import (RANDOM_WEIGHTS_BANNER, close_distributed, init_distributed, is_main, rank, shard,  # noqa: E402
-                   world_size)
+from engine import GradMean, fast_image_forward, image_adapter_step, text_adapter_step  # noqa: E402
+from cli import RANDOM_WEIGHTS_BANNER  # noqa: E402
+from utils.distributed import close_distributed, init_distributed, is_main, rank, shard, world_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BF16_UNIT = 2.0 ** -8  # bf16's relative rounding unit: differences below it are within bf16's precision
@@ -103,9 +103,9 @@ def steps_role(args: argparse.Namespace) -> None:
     image_init = {k: v.clone() for k, v in model.image_adapter.state_dict().items()}
     out = {"world": world_size(), "precision": precision}
 
-    def stage2(prec: str) -> dict:
+    def stage2() -> dict:
+        """Stage 2 at the backbone's stored precision."""
         model.image_adapter.load_state_dict(image_init)
-        cfg = argparse.Namespace(precision=prec, stage1_all_levels=False, text_norm_weight=0.1)
         opt = torch.optim.Adam(model.image_adapter.parameters(), lr=5e-4, betas=(0.5, 0.999))
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [16000, 32000], 0.5)
         anchor_fn = class_anchor_fn(model, bank, adapt=True)
@@ -113,21 +113,20 @@ def steps_role(args: argparse.Namespace) -> None:
         model.train()
         # As train.py: on CUDA each full slice replays a CUDA graph.
         local_batch = len(shard(args.batch, world_size(), rank()))
-        graphed = CudaGraphForward(model, local_batch, prec, device) if device.type == "cuda" else None
-        return run_steps(lambda b: image_adapter_step(model, b, opt, sched, anchor_fn, bank, cfg, device, grad_mean,
-                                                      graphed),
+        forward = fast_image_forward(model, cuda_graph_batch=local_batch if device.type == "cuda" else None)
+        return run_steps(lambda b: image_adapter_step(model, b, opt, sched, anchor_fn, device, grad_mean, forward),
                          args.steps, args.warmup, args.batch, args.image_size, device)
 
-    out["stage2_fp32"] = stage2("fp32")
+    out["stage2_fp32"] = stage2()
     if precision == "bf16":
         model.set_backbone_dtype(torch.bfloat16)
-    out["stage2"] = stage2(precision)
-    cfg = argparse.Namespace(precision=precision, stage1_all_levels=False, text_norm_weight=0.1)
+    out["stage2"] = stage2()
+    cfg = argparse.Namespace(stage1_all_levels=False, text_norm_weight=0.1)
     params = list(model.text_adapter.parameters())
     opt = torch.optim.Adam(params, lr=1e-5, betas=(0.5, 0.999))
     anchor_fn = class_anchor_fn(model, bank, adapt=True, grad=True)
     grad_mean = GradMean(params) if world_size() > 1 else None
-    out["stage1"] = run_steps(lambda b: text_adapter_step(model, b, opt, anchor_fn, bank, cfg, device, grad_mean),
+    out["stage1"] = run_steps(lambda b: text_adapter_step(model, b, opt, anchor_fn, cfg, device, grad_mean),
                               args.steps, args.warmup, args.batch, args.image_size, device)
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

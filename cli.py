@@ -1,0 +1,305 @@
+"""What every entry point shares: its flags, building the model and the data from them, reading a
+trained run's saved flags, and turning user mistakes into one `error:` line."""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from dataset import ADDataset, get_dataset_info
+from dataset.check import validate_dataset
+from forward_utils import PromptBank, Variant
+from model import AdaptedCLIP, build_clip, get_tokenizer
+from utils.distributed import close_distributed, meet_and_close, rank, seed_everything
+from utils.errors import UserError, own_message
+from utils.io import load_checkpoint, load_module_state
+from variants import VARIANTS, read_saved_args, variant_of_run
+
+RANDOM_WEIGHTS_BANNER = "RANDOM BACKBONE WEIGHTS (--pretrained none): these numbers say nothing about AA-CLIP"
+
+
+# Flags that fix the architecture: a save path may only be resumed or evaluated with the same values
+# (with the variant's `model_keys`).
+ARCH_KEYS = ("variant", "model", "image_size", "quick_gelu", "relu", "levels", "text_adapt_until",
+             "image_adapt_until", "surgery_until_layer")
+# Saved flags that evaluation takes from a run's args.json unless the command line gives them.
+MODEL_KEYS = ARCH_KEYS[1:] + ("pretrained", "text_adapt_weight", "image_adapt_weight", "surgery_batch_mixing")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags that build the backbone and the adapters (shared by train.py and test.py)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="ViT-L-14-336",
+                   help="open_clip model name; 'tiny' is a small test config (default: %(default)s)")
+    g.add_argument("--pretrained", default="none",
+                   help="CLIP weights: an OpenAI TorchScript .pt (e.g. ViT-L-14-336px.pt), a state-dict file "
+                        "(.pt/.pth/.bin/.safetensors), 'openai' (open_clip download, needs internet) or "
+                        "'none' (random weights, labelled as such everywhere) (default: %(default)s)")
+    g.add_argument("--image_size", "--img_size", type=int, default=518,
+                   help="input size; the positional embedding is resized to it (default: %(default)s)")
+    g.add_argument("--quick_gelu", action="store_true",
+                   help="use QuickGELU, the activation the OpenAI weights were trained with; the default plain "
+                        "GELU reproduces the original AA-CLIP code")
+    g.add_argument("--relu", action="store_true", help="LeakyReLU after the seg/det projections")
+    g.add_argument("--text_adapt_weight", type=float, default=0.1, help="text adapter mixing weight")
+    g.add_argument("--image_adapt_weight", type=float, default=0.1, help="image adapter mixing weight")
+    g.add_argument("--levels", type=int, nargs="+", default=None,
+                   help="vision blocks tapped for segmentation (default: every quarter of the depth, "
+                        "6 12 18 24 for ViT-L)")
+    g.add_argument("--text_adapt_until", type=int, default=None,
+                   help="text blocks followed by an adapter (default: depth/4, 3 for ViT-L)")
+    g.add_argument("--image_adapt_until", type=int, default=None,
+                   help="vision blocks followed by an adapter (default: depth/4, 6 for ViT-L)")
+    g.add_argument("--surgery_until_layer", type=int, default=None,
+                   help="V-V attention in the last (this - 1) vision blocks of the Stage-1 features "
+                        "(default: 20 for ViT-L)")
+    g.add_argument("--surgery_batch_mixing", action="store_true",
+                   help="reproduce the original's defect: V-V attention across the images of the batch")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default: %(default)s)")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast (fp32 weights and losses) or fp32; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the adapted image forward (Stage 2 and test): fused kernels, faster after "
+                        "a compilation that takes tens of seconds (docs/benchmarks.md); pays off on long runs, "
+                        "not on one evaluation")
+    g.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+
+
+def add_data_args(p: argparse.ArgumentParser, default_dataset: str) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=default_dataset, help="dataset name (default: %(default)s)")
+    g.add_argument("--data_root", default=None, help="dataset folder (default: the dataset's default root)")
+    g.add_argument("--metadata_dir", default="dataset/metadata",
+                   help="folder holding <dataset>/full-shot.jsonl and <dataset>/<k>-shot.jsonl "
+                        "(made by python -m dataset.make_metadata) (default: %(default)s)")
+    g.add_argument("--num_workers", type=int, default=4, help="data loader processes (default: %(default)s)")
+    g.add_argument("--cache_dir", default=None,
+                   help="keep decoded and resized images here as .npy, so later epochs and evaluations skip "
+                        "decoding (default: off)")
+
+
+def get_train_parser(variant: Variant, description: str) -> argparse.ArgumentParser:
+    """The flags of training `variant`: model, data, training, then the variant's own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_data_args(p, default_dataset="VisA")
+    g = p.add_argument_group("training")
+    g.add_argument("--save_path", default=f"ckpt/{variant.name}", help="checkpoint and log folder (default: %(default)s)")
+    g.add_argument("--training_mode", choices=["few_shot", "full_shot"], default="few_shot",
+                   help="few_shot trains on <shot>-shot.jsonl, full_shot on full-shot.jsonl")
+    g.add_argument("--shot", type=int, default=32, help="samples per class in few_shot mode (default: %(default)s)")
+    g.add_argument("--text_epoch", type=int, default=5, help="Stage-1 epochs; 0 keeps CLIP's own text encoder")
+    g.add_argument("--image_epoch", type=int, default=20, help="Stage-2 epochs (default: %(default)s)")
+    g.add_argument("--text_batch_size", type=int, default=16,
+                   help="Stage-1 batch size; under torchrun the global batch, split across the processes "
+                        "(default: %(default)s)")
+    g.add_argument("--image_batch_size", type=int, default=2,
+                   help="Stage-2 batch size; under torchrun the global batch (default: %(default)s)")
+    g.add_argument("--text_lr", type=float, default=1e-5, help="Stage-1 Adam learning rate")
+    g.add_argument("--image_lr", type=float, default=5e-4, help="Stage-2 Adam learning rate")
+    g.add_argument("--text_norm_weight", type=float, default=0.1, help="weight of the orthogonality term")
+    g.add_argument("--stage1_all_levels", action="store_true",
+                   help="sum the Stage-1 seg loss over all levels (the original uses the last level only)")
+    g.add_argument("--seed", type=int, default=111, help="random seed (default: %(default)s)")
+    g.add_argument("--no_cuda_graph", action="store_true",
+                   help="run Stage 2 eagerly; by default on CUDA the image forward and backward of each full "
+                        "batch replay one CUDA graph (the same kernels without the launch cost: 2.5x faster at "
+                        "batch 2)")
+    g.add_argument("--checkpoint_every", type=int, default=0,
+                   help="also save a resumable checkpoint every N steps inside an epoch (0: only at epoch ends "
+                        "and on SIGINT/SIGTERM) (default: %(default)s)")
+    variant.add_train_args(p)
+    return p
+
+
+def get_test_parser(description: str = "") -> argparse.ArgumentParser:
+    """test.py's flags (the variants' own test flags are added by `add_variant_test_args`)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_data_args(p, default_dataset="MVTec")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--save_path", required=True, help="folder written by train.py or train_cross_attention.py")
+    g.add_argument("--epoch", type=int, default=None,
+                   help="evaluate image_adapter_<epoch>.pth (default: the last epoch)")
+    g.add_argument("--all_epochs", action="store_true", help="evaluate every saved epoch, in numeric order")
+    g.add_argument("--batch_size", type=int, default=8,
+                   help="images per forward pass (per process under torchrun) (default: %(default)s)")
+    g.add_argument("--visualize", action="store_true",
+                   help="save image | ground truth | anomaly map panels under <results>/vis/ (rank 0 under torchrun)")
+    g.add_argument("--results_dir", default=None, help="where tables go (default: <save_path>/results)")
+    return p
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`--precision auto`: bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def build_model(args: argparse.Namespace, variant: Variant, device: torch.device) -> AdaptedCLIP:
+    """The frozen CLIP with the variant's fresh adapters on `device`, as the flags say. The precision is
+    settled here, once: a bf16 backbone is stored in bf16 and everything downstream reads
+    `model.autocast()`."""
+    clip = build_clip(args.model, args.pretrained, args.image_size, args.quick_gelu)
+    try:
+        model = variant.model_cls(
+            clip, text_adapt_weight=args.text_adapt_weight, image_adapt_weight=args.image_adapt_weight,
+            levels=args.levels, relu=args.relu, text_adapt_until=args.text_adapt_until,
+            image_adapt_until=args.image_adapt_until, surgery_until_layer=args.surgery_until_layer,
+            surgery_batch_mixing=args.surgery_batch_mixing, **variant.model_kwargs(args),
+        )
+    except UserError as e:  # block numbers outside this backbone's depth
+        raise UserError(f"{e} for {args.model}; fix --levels / --surgery_until_layer") from None
+    if resolve_precision(args.precision, device) == "bf16":
+        model.set_backbone_dtype(torch.bfloat16)
+    return model.to(device)
+
+
+def metadata_file(args: argparse.Namespace, dataset: str, shot: int | None) -> Path:
+    name = "full-shot.jsonl" if shot is None else f"{shot}-shot.jsonl"
+    return Path(args.metadata_dir) / dataset / name
+
+
+def load_dataset(args: argparse.Namespace, dataset: str, shot: int | None, **kwargs) -> ADDataset:
+    root = args.data_root or get_dataset_info(dataset)["default_root"]
+    validate_dataset(root, metadata_file(args, dataset, shot))  # reads file headers only: ~0.1 ms a file
+    return ADDataset(root, str(metadata_file(args, dataset, shot)), image_size=args.image_size,
+                     cache_dir=args.cache_dir, **kwargs)
+
+
+def training_shot(args: argparse.Namespace) -> int | None:
+    return args.shot if args.training_mode == "few_shot" else None
+
+
+def make_bank(args: argparse.Namespace, device: torch.device) -> PromptBank:
+    """Prompts of every class of the training set."""
+    ds = load_dataset(args, args.dataset, training_shot(args))
+    return PromptBank(get_tokenizer(args.model), args.dataset, ds.class_names).to(device)
+
+
+def test_flags(variant: Variant) -> dict[str, str]:
+    """The variant's test flags: destination -> option."""
+    probe = argparse.ArgumentParser(add_help=False)
+    variant.add_test_args(probe)
+    return {a.dest: a.option_strings[0] for a in probe._actions}
+
+
+def add_variant_test_args(parser: argparse.ArgumentParser) -> None:
+    """Every registered variant's test flags, a group each (a flag two variants share is added once)."""
+    parser.conflict_handler = "resolve"
+    for variant in VARIANTS.values():
+        variant.add_test_args(parser.add_argument_group(f"{variant.name} runs"))
+
+
+def parse_run_args(make_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None = None
+                   ) -> argparse.Namespace:
+    """Parses the flags of a script that evaluates a trained run (`--save_path`), the timm way: read the
+    run's args.json, make its model flags the parser's defaults, parse again, so the command line still
+    wins. Sets `args.variant` (the run's `Variant`), `args.seed` (training's, which rebuilds a random
+    backbone) and the variant's own model flags; every registered variant's test flags are accepted, but
+    only the run's own may be given."""
+    parser = make_parser()
+    add_variant_test_args(parser)
+    first, _ = parser.parse_known_args(argv)
+    save_dir = Path(first.save_path)
+    if not save_dir.is_dir():
+        raise UserError(f"--save_path {save_dir} does not exist; train first or fix the path")
+    saved = read_saved_args(save_dir)
+    variant = variant_of_run(save_dir, saved)
+    parser.set_defaults(**{k: saved[k] for k in MODEL_KEYS if k in saved})
+    args = parser.parse_args(argv)
+    own = test_flags(variant)
+    for other in VARIANTS.values():
+        for dest, flag in test_flags(other).items():
+            if dest not in own and getattr(args, dest) is not None:
+                raise UserError(f"{flag} is for {other.name} runs; {save_dir} holds a {variant.name} run: "
+                                "drop the flag")
+    train_defaults = get_train_parser(variant, "")
+    for key in ("seed", *variant.model_keys):
+        setattr(args, key, saved.get(key, train_defaults.get_default(key)))
+    variant.finish_test_args(args)
+    args.variant = variant
+    return args
+
+
+def epoch_checkpoints(save_dir: Path) -> dict[int, Path]:
+    """`image_adapter_<k>.pth` files by k; a lone `image_adapter.pth` counts as its own epoch."""
+    found = {int(m.group(1)): p for p in save_dir.glob("image_adapter_*.pth")
+             if (m := re.fullmatch(r"image_adapter_(\d+)\.pth", p.name))}
+    if not found and (save_dir / "image_adapter.pth").exists():
+        found[int(load_checkpoint(save_dir / "image_adapter.pth")["epoch"])] = save_dir / "image_adapter.pth"
+    if not found:
+        raise UserError(f"no image_adapter*.pth in {save_dir}; train Stage 2 first (train.py --image_epoch > 0)")
+    return dict(sorted(found.items()))
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[AdaptedCLIP, bool]:
+    """The run's model with its trained text side loaded; returns (model, Stage 1 ran?). A run without
+    the variant's text checkpoint (trained with --text_epoch 0) keeps the variant's untrained text path."""
+    save_dir, variant = Path(args.save_path), args.variant
+    seed_everything(args.seed)  # with --pretrained none, training's seed redraws its random backbone
+    model = build_model(args, variant, device)
+    path = save_dir / variant.text_ckpt
+    if not path.exists():
+        if variant.needs_text_stage:
+            raise UserError(f"{path} not found: a {variant.name} run needs its Stage-1 checkpoint; copy it back "
+                            "or retrain")
+        return model, False
+    ckpt = load_checkpoint(path)
+    foreign = {key: other.name for other in VARIANTS.values() for key in other.text_modules
+               if key in ckpt and key not in variant.text_modules}
+    if foreign:
+        key, owner = next(iter(foreign.items()))
+        raise UserError(f"{path} is a {owner} checkpoint (it holds {key}); put the {variant.name} run's "
+                        f"{variant.text_ckpt} there, or evaluate it in a {owner} run")
+    for key, module in variant.modules(model).items():
+        load_module_state(module, ckpt, key, path)
+    return model, True
+
+
+def load_image_adapter(model: AdaptedCLIP, path: Path) -> int:
+    ckpt = load_checkpoint(path)
+    load_module_state(model.image_adapter, ckpt, "image_adapter", path)
+    return int(ckpt["epoch"])
+
+
+def cli_main(main: Callable[[], Any]) -> Callable[[], None]:
+    """Wraps a script's `main`: a `UserError` (DatasetError included) becomes one `error: ...` line and exit
+    code 2.
+
+    Set the environment variable AACLIP_DEBUG=1 (or pass --debug) to see the traceback instead.
+    Under torchrun an error that every rank raised (see `UserError.all_ranks`) is printed by rank 0 only,
+    and the ranks meet before they exit; any other error names its rank. Every rank exits 2.
+    """
+
+    @functools.wraps(main)
+    def wrapper() -> None:
+        debug = "--debug" in sys.argv or os.environ.get("AACLIP_DEBUG") == "1"
+        try:
+            main()
+        except UserError as e:
+            if debug:
+                raise
+            shared = getattr(e, "all_ranks", None)
+            shared = not dist.is_initialized() if shared is None else shared
+            this_rank = rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+            if this_rank == 0 or not shared:
+                where = f"(rank {this_rank}) " if this_rank and not shared else ""
+                print(f"error: {where}{own_message(e)}", file=sys.stderr)
+            if shared:
+                meet_and_close()
+            sys.exit(2)
+        except SystemExit:  # a stop request: every rank leaves at the same step
+            close_distributed()
+            raise
+        close_distributed()
+
+    return wrapper

@@ -1,0 +1,523 @@
+"""The training engine every script shares: samplers, the resumable loop of a stage, gradient averaging
+under torchrun, the fast image-forward paths (torch.compile, CUDA graphs), stop handling and RNG state,
+and the two stages themselves (`train_text_adapter`, `train_image_adapter`) for any registered variant."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from tqdm import tqdm
+
+from cli import ARCH_KEYS, RANDOM_WEIGHTS_BANNER, build_model, load_dataset, make_bank, training_shot
+from dataset import ADDataset
+from forward_utils import AnchorFn, PromptBank, Variant, stage1_loss, stage2_loss
+from model import AdaptedCLIP
+from utils.distributed import (barrier, gather_objects, init_distributed, is_main, max_over_ranks, rank, rank_seed,
+                               same_outcome, seed_everything, shard, world_size)
+from utils.errors import UserError
+from utils.io import atomic_save, ensure_writable_dir, load_checkpoint, load_module_state, setup_logger
+
+
+class EpochSampler(Sampler):
+    """An epoch's shuffled order from `seed`, from sample `start` on, each index paired with its own
+    augmentation seed: an epoch replays identically whatever the worker count or resume point."""
+
+    def __init__(self, n: int, seed: int, start: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=g)
+        seeds = torch.randint(0, 2**62, (n,), generator=g)
+        self.items = list(zip(order[start:].tolist(), seeds[start:].tolist()))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class RankSlices(Sampler):
+    """Cuts `order` into global batches of `batch_size` and yields this rank's contiguous slice of each:
+    every rank sees the same number of steps, and a sample keeps its augmentation seed (from the global
+    order) whatever the number of processes. A slice is empty when a short last batch has fewer samples
+    than there are ranks."""
+
+    def __init__(self, order: EpochSampler, batch_size: int, rank: int, world: int):
+        self.order, self.batch_size, self.rank, self.world = list(order), batch_size, rank, world
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for i in range(0, len(self.order), self.batch_size):
+            batch = self.order[i: i + self.batch_size]
+            yield [batch[j] for j in shard(len(batch), self.world, self.rank)]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+
+def collate_or_none(items: list[dict]) -> dict | None:
+    """The default collation; None for an empty slice."""
+    return default_collate(items) if items else None
+
+
+class SeededDataset(Dataset):
+    """Draws each item's augmentation from the seed its sampler gives."""
+
+    def __init__(self, ds: ADDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.ds[index]
+
+
+def _ignore_stop_signals(_: int) -> None:
+    # Ctrl-C reaches the whole process group, and torchrun signals each rank's whole group: workers leave
+    # both to the main process, which finishes its step and saves first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(ds: ADDataset, batch_size: int, seed: int, num_workers: int, start_batch: int = 0) -> DataLoader:
+    """The training loader of one epoch, from global batch `start_batch` on: this rank's slice of each
+    global batch of `batch_size` (the whole batch in one process; None for an empty slice)."""
+    # Its own generator: the loader would otherwise draw its workers' base seed from the global RNG,
+    # which dropout also uses, so a resumed epoch would drift from the uninterrupted one.
+    order = EpochSampler(len(ds), seed, start_batch * batch_size)
+    return DataLoader(SeededDataset(ds), batch_sampler=RankSlices(order, batch_size, rank(), world_size()),
+                      collate_fn=collate_or_none, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
+
+
+class GradMean:
+    """Makes a step on this rank's slice of a global batch update the weights as one process's step on the
+    whole batch would.
+
+    The gradients are averaged by hand rather than by DDP: the trained modules are small adapters that
+    the steps reach through several model methods, not one forward call. After backward, each rank weights
+    its gradient (of a mean over its slice) by its sample count; one all_reduce sums the weighted gradients,
+    losses and counts, and dividing by the global count gives the gradient and loss of the global batch's
+    mean, exact also for an uneven or empty last slice. Every rank then takes the same optimizer step.
+    """
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = list(params)
+
+    def global_mean(self, local_mean: torch.Tensor | None, n: int) -> torch.Tensor:
+        """The mean over the global batch of a per-sample quantity whose mean over this rank's `n`
+        samples is `local_mean` (None when n = 0); detached."""
+        device = self.params[0].device
+        local = local_mean.detach().float() * n if n else torch.zeros((), device=device)
+        buf = torch.stack([local, torch.full((), float(n), device=device)])
+        dist.all_reduce(buf)
+        return buf[0] / buf[1]
+
+    def reduce(self, loss: torch.Tensor | None, n: int) -> torch.Tensor:
+        """Replaces each gradient by the global batch's and returns the global batch's loss (detached);
+        `loss` is this rank's (None when n = 0, without a backward)."""
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
+        local_loss = loss.detach().float().reshape(1) if n else parts[0].new_zeros(1)
+        flat = torch.cat([*parts, local_loss, parts[0].new_ones(1)]).mul_(n)  # the last entry counts samples
+        dist.all_reduce(flat)
+        flat = flat[:-1] / flat[-1]
+        start = 0
+        for p in self.params:
+            p.grad = flat[start: start + p.numel()].view_as(p)
+            start += p.numel()
+        return flat[-1]
+
+
+def orthogonality_surrogate(anchors: torch.Tensor | None, grad_mean: GradMean) -> torch.Tensor | None:
+    """Stage 1's orthogonality term `(mean_b <T_b0, T_b1>)^2` squares a mean over the global batch, which a
+    rank holding a slice cannot compute. With M the global mean (an all_reduce, no gradient) and m this
+    rank's, `M^2 + 2M(m - M)` averaged by `GradMean` has exactly the global term's value M^2 and gradient
+    2M dM. None for an empty slice, which still joins the all_reduce. anchors: [n, D, 2] float32."""
+    dots = None if anchors is None else (anchors[:, :, 0] * anchors[:, :, 1]).sum(dim=1)
+    m = None if dots is None else dots.mean()
+    big_m = grad_mean.global_mean(m, 0 if dots is None else len(dots))
+    return None if m is None else big_m ** 2 + 2 * big_m * (m - big_m)
+
+
+def text_adapter_step(model: AdaptedCLIP, batch: dict | None, optimizer: torch.optim.Optimizer,
+                      anchor_fn: AnchorFn, args: argparse.Namespace, device: torch.device,
+                      grad_mean: GradMean | None = None) -> torch.Tensor:
+    """One Stage-1 step. Stage-1 features are computed without gradient; the anchors (and so the text
+    side) get the gradient. Returns the detached loss. Under torchrun `batch` is this rank's slice of the
+    global batch (None when empty) and `grad_mean` makes the step and the loss the global batch's."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, anchors = None, None
+    if batch is not None:
+        images = batch["image"].to(device, non_blocking=True)
+        masks = batch["mask"].to(device, non_blocking=True)
+        class_idx = batch["class_idx"].to(device, non_blocking=True)
+        with model.autocast():
+            with torch.no_grad():
+                feats, _ = model.stage1_features(images)
+            anchors = anchor_fn(images, class_idx, feats)
+            loss = stage1_loss(feats, anchors, masks, model.grid, args.stage1_all_levels,
+                               args.text_norm_weight if grad_mean is None else 0.0)
+    if grad_mean is not None and args.text_norm_weight:
+        ortho = orthogonality_surrogate(None if anchors is None else anchors.float(), grad_mean)
+        loss = None if loss is None else loss + args.text_norm_weight * ortho
+    return _backward_and_step(loss, batch, optimizer, grad_mean)
+
+
+ImageForwardFn = Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
+
+
+class CompiledForward:
+    """`model(images)` through `torch.compile`: fuses the norms, activations and residual adds of all
+    blocks (speed and compile times in docs/benchmarks.md). Compiling takes tens of seconds, so only the
+    first batch size seen in each grad mode is compiled; other sizes (a loader's smaller last batch) run
+    eagerly instead of paying another compilation."""
+
+    def __init__(self, model: AdaptedCLIP):
+        self.model = model
+        self.compiled = torch.compile(model.image_forward, dynamic=False)
+        self.batch: dict[bool, int] = {}  # grad mode -> the compiled batch size
+
+    def __call__(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if images.shape[0] == self.batch.setdefault(torch.is_grad_enabled(), images.shape[0]):
+            return self.compiled(images)
+        return self.model(images)
+
+
+class _ImageForward(nn.Module):
+    """An image forward as a module whose parameters are the model's: what `make_graphed_callables` needs
+    to return the adapters' gradients from the graphed backward."""
+
+    def __init__(self, model: AdaptedCLIP, forward: ImageForwardFn):
+        super().__init__()
+        self.model, self.fn = model, forward
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.fn(images)
+
+
+class CudaGraphForward:
+    """Stage 2's image forward and its backward replayed from CUDA graphs.
+
+    At small batches a Stage-2 step is bound by Python launching the forward and backward kernels of every
+    block one by one; a graph launches them at once (profile in docs/benchmarks.md). The graphs are
+    captured with `torch.cuda.make_graphed_callables` (3 warm-up passes) on the first batch of
+    `batch_size` images; batches of another size (an epoch's last) run eagerly. They replay the same
+    kernels on the same parameters, which the optimizer updates in place. The image path has no
+    randomness (no dropout), so replaying computes what the eager step computes."""
+
+    def __init__(self, model: AdaptedCLIP, forward: ImageForwardFn, batch_size: int):
+        self.model, self.forward, self.batch_size = model, forward, batch_size
+        self.graphed: Callable | None = None
+
+    def __call__(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if images.shape[0] != self.batch_size:
+            return self.forward(images)
+        if self.graphed is None:
+            module = _ImageForward(self.model, self.forward).train(self.model.training)
+            try:
+                with self.model.autocast():
+                    self.graphed = torch.cuda.make_graphed_callables(module, (images.clone(),))
+            except RuntimeError as e:
+                raise UserError(f"capturing Stage 2's CUDA graph failed ({str(e).splitlines()[0]}); run the same "
+                                "command with --no_cuda_graph (it resumes from the last checkpoint), and add "
+                                "--debug for the traceback") from e
+        return self.graphed(images)
+
+
+def fast_image_forward(model: AdaptedCLIP, compile: bool = False, cuda_graph_batch: int | None = None
+                       ) -> ImageForwardFn:
+    """`model(images)` through the speed paths that are switched on: `torch.compile` (--compile), then for
+    Stage 2 on CUDA the CUDA graphs of batches of `cuda_graph_batch` images (None: no graphs)."""
+    forward: ImageForwardFn = CompiledForward(model) if compile else model
+    if cuda_graph_batch is not None:
+        forward = CudaGraphForward(model, forward, cuda_graph_batch)
+    return forward
+
+
+def image_adapter_step(model: AdaptedCLIP, batch: dict | None, optimizer: torch.optim.Optimizer,
+                       scheduler: torch.optim.lr_scheduler.LRScheduler, anchor_fn: AnchorFn,
+                       device: torch.device, grad_mean: GradMean | None = None,
+                       image_forward: ImageForwardFn | None = None) -> torch.Tensor:
+    """One Stage-2 step (the scheduler steps per iteration). Returns the detached loss; `batch` and
+    `grad_mean` as in `text_adapter_step`; `image_forward` replaces `model(images)` (`fast_image_forward`)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = None
+    if batch is not None:
+        images = batch["image"].to(device, non_blocking=True)
+        masks = batch["mask"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        class_idx = batch["class_idx"].to(device, non_blocking=True)
+        with model.autocast():
+            with torch.no_grad():
+                anchors = anchor_fn(images, class_idx)
+            seg_tokens, det_token = (image_forward or model)(images)
+            loss = stage2_loss(seg_tokens, det_token, anchors, masks, labels, model.grid)
+    loss = _backward_and_step(loss, batch, optimizer, grad_mean)
+    scheduler.step()
+    return loss
+
+
+def _backward_and_step(loss: torch.Tensor | None, batch: dict | None, optimizer: torch.optim.Optimizer,
+                       grad_mean: GradMean | None) -> torch.Tensor:
+    """Backward (skipped for an empty slice), the gradient average across ranks, the optimizer step."""
+    if loss is not None:
+        loss.backward()
+    if grad_mean is not None:
+        loss = grad_mean.reduce(loss, 0 if batch is None else len(batch["image"]))
+    optimizer.step()
+    return loss.detach()
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the training loop saves a resumable checkpoint after the current step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, _frame) -> None:
+        self.signum = signum
+
+    def agreed(self) -> int:
+        """The signal number if any rank got one (0 if none): torchrun signals every rank, but not at the
+        same instant, so the ranks agree each step and stop at the same one."""
+        return max_over_ranks(self.signum or 0)
+
+
+STOP = StopRequest()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_stage(
+    name: str, ckpt_path: Path, state: dict, epochs: int, ds: ADDataset, batch_size: int,
+    step_fn: Callable[[dict], torch.Tensor], args: argparse.Namespace, seed: int, logger: logging.Logger,
+    keep_each_epoch: bool = False,
+) -> None:
+    """The training loop of one stage, resumable at any step.
+
+    `state` maps checkpoint keys to objects with `state_dict` (modules, optimizer, scheduler). After each
+    epoch, on SIGINT/SIGTERM and every `--checkpoint_every` steps the checkpoint
+    `{"epoch": completed epochs, **states}` is written atomically; inside an epoch it also holds `step`
+    (batches done), `loss_sum` and the torch RNG state. Each epoch's data order and augmentations come
+    from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
+
+    Under torchrun every rank runs this loop on its slices of the same global batches; the losses are
+    the global batch's, rank 0 writes the checkpoints (the others wait), and every rank resumes from the
+    same file. Dropout (the only randomness of a step) draws from a per-rank seed of (seed, epoch, rank),
+    and mid-epoch checkpoints hold each rank's RNG state: a resume with the same number of processes is
+    exact; with another number, dropout is reseeded per rank.
+    """
+    start_epoch, start_step, loss_sum = 0, 0, 0.0
+    if ckpt_path.exists():
+        with same_outcome():
+            ckpt = load_checkpoint(ckpt_path)
+            for key, obj in state.items():
+                if key.endswith("_scheduler") and key not in ckpt:
+                    logger.info(f"{ckpt_path} has no {key} (written by the original code?): the lr schedule restarts")
+                    continue
+                load_module_state(obj, ckpt, key, ckpt_path)
+        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
+        loss_sum = float(ckpt.get("loss_sum", 0.0))
+        if start_step:
+            states = ckpt.get("rng_ranks", [ckpt["rng"]])
+            if len(states) == world_size():
+                _set_rng_state(states[rank()])
+            else:
+                seed_everything(rank_seed(seed + start_epoch, rank()))
+                logger.info(f"{name}: {ckpt_path} was written by {len(states)} process(es), this run has "
+                            f"{world_size()}: dropout is reseeded, the rest of the epoch is not bit-exact")
+        logger.info(f"{name}: loaded {ckpt_path} (epoch {start_epoch}, step {start_step})")
+
+    def read_loss(step: int, loss_t: torch.Tensor, epoch: int, bar: tqdm) -> float:
+        loss = float(loss_t)
+        if not math.isfinite(loss):  # the global batch's loss: every rank stops here
+            raise UserError(f"{name}: loss is {loss} at epoch {epoch + 1} step {step}; stopped. The last good "
+                            f"checkpoint {ckpt_path} is kept. Try a lower learning rate or --precision fp32",
+                            all_ranks=True)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        return loss
+
+    def save(epoch: int, step: int, total: float, keep: bool = False) -> None:
+        ckpt = {"epoch": epoch, **{k: v.state_dict() for k, v in state.items()}}
+        if step:
+            ckpt.update(step=step, loss_sum=total, rng=_rng_state())
+            if world_size() > 1:
+                ckpt["rng_ranks"] = gather_objects(_rng_state())
+        if is_main():
+            atomic_save(ckpt, ckpt_path)
+            if keep:
+                atomic_save(ckpt, ckpt_path.with_name(f"{ckpt_path.stem}_{epoch}.pth"))
+        barrier()
+
+    for epoch in range(start_epoch, epochs):
+        if start_step == 0:
+            seed_everything(rank_seed(seed + epoch, rank()))
+        loader = make_loader(ds, batch_size, seed + epoch, args.num_workers, start_step)
+        n_steps = start_step + len(loader)
+        bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{epochs}", initial=start_step, total=n_steps,
+                   leave=False, dynamic_ncols=True, disable=not is_main())
+        pending: tuple[int, torch.Tensor] | None = None
+        for step, batch in enumerate(bar, start=start_step + 1):
+            loss_t = step_fn(batch)
+            # Reading a loss waits for the GPU; reading the previous step's lets this step queue first.
+            if pending is not None:
+                loss_sum += read_loss(*pending, epoch, bar)
+            pending = (step, loss_t)
+            signum = STOP.agreed()
+            if signum or (args.checkpoint_every and step % args.checkpoint_every == 0 and step < n_steps):
+                loss_sum += read_loss(*pending, epoch, bar)
+                pending = None
+                save(epoch, step, loss_sum)
+            if signum:
+                logger.info(f"{name}: interrupted by signal {signum} at epoch {epoch + 1} step {step}; "
+                            f"saved {ckpt_path}. Run the same command to resume.")
+                sys.exit(128 + signum)
+        if pending is not None:
+            loss_sum += read_loss(*pending, epoch, bar)
+        save(epoch + 1, 0, 0.0, keep=keep_each_epoch)
+        logger.info(f"{name} epoch {epoch + 1}/{epochs}: loss {loss_sum / max(1, n_steps):.4f}")
+        start_step, loss_sum = 0, 0.0
+
+
+def check_save_path(args: argparse.Namespace, variant: Variant) -> None:
+    """Fails before anything is written when the save path cannot be written or holds another kind of run."""
+    path = Path(args.save_path)
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write to --save_path {path} ({existing} is {'not a folder' if not existing.is_dir() else 'read-only'}); "
+                        "choose another --save_path")
+    saved = path / "args.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        config = dict(vars(args), variant=variant.name)
+        diff = [k for k in ARCH_KEYS + variant.model_keys if k in old and old[k] != config.get(k)]
+        if diff:
+            raise UserError(f"{path} holds a run with other settings ({', '.join(f'{k}={old[k]!r}' for k in diff)}); "
+                            "choose a new --save_path or the same flags")
+
+
+def check_distributed_args(args: argparse.Namespace) -> None:
+    """Flags that cannot mean under torchrun what they mean in one process."""
+    world = world_size()
+    if world == 1:
+        return
+    for flag in ("text_batch_size", "image_batch_size"):
+        if getattr(args, flag) < world:
+            raise UserError(f"--{flag} {getattr(args, flag)} is the global batch, split across the {world} "
+                            f"processes: use at least {world}, or fewer processes")
+    if args.surgery_batch_mixing:
+        raise UserError("--surgery_batch_mixing mixes the images of a batch, which torchrun splits across "
+                        "processes: train it in one process")
+
+
+@dataclass
+class Run:
+    """A training run: its flags, variant, device, model (with the variant's fresh adapters), the prompts
+    of the training classes, save folder and logger."""
+    args: argparse.Namespace
+    variant: Variant
+    device: torch.device
+    model: AdaptedCLIP
+    bank: PromptBank
+    save_dir: Path
+    logger: logging.Logger
+
+
+def start_run(args: argparse.Namespace, variant: Variant,
+              build: Callable[[argparse.Namespace, Variant, torch.device], AdaptedCLIP] = build_model) -> Run:
+    """Validates everything (device, save path, weights, dataset) before writing anything, then creates the
+    save folder with `args.json` and `train.log`, and installs the SIGINT/SIGTERM handler. Under torchrun
+    every rank validates and builds the model; rank 0 alone writes."""
+    device = init_distributed(args.device)
+    save_dir = Path(args.save_path)
+    with same_outcome():
+        if variant.needs_text_stage and args.text_epoch <= 0:
+            raise UserError(f"--text_epoch {args.text_epoch} leaves the {variant.name} text modules untrained; "
+                            "use train.py for a run without a text stage")
+        check_distributed_args(args)
+        check_save_path(args, variant)
+        seed_everything(args.seed)
+        model = build(args, variant, device)
+        bank = make_bank(args, device)
+    with same_outcome():  # after every rank has read the old args.json
+        if is_main():
+            ensure_writable_dir(save_dir)
+            (save_dir / "args.json").write_text(json.dumps(dict(vars(args), variant=variant.name), indent=2))
+        logger = setup_logger(save_dir, "train")
+    if args.pretrained == "none":
+        logger.info(RANDOM_WEIGHTS_BANNER)
+    on = f"{world_size()} processes on {device.type} (torchrun)" if world_size() > 1 else str(device)
+    logger.info(f"{variant.name} training on {on} ({model.precision}): {vars(args)}")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    STOP.install()
+    return Run(args, variant, device, model, bank, save_dir, logger)
+
+
+def train_text_adapter(run: Run) -> None:
+    """Stage 1: trains the variant's text modules with one Adam optimizer, then freezes them."""
+    args, model, modules = run.args, run.model, run.variant.modules(run.model)
+    if args.text_epoch > 0:
+        with same_outcome():
+            ds = load_dataset(args, args.dataset, training_shot(args), augment=True)
+        anchor_fn = run.variant.anchor_fn(model, run.bank, args, "stage1")
+        params = [p for m in modules.values() for p in m.parameters()]
+        optimizer = torch.optim.Adam(params, lr=args.text_lr, betas=(0.5, 0.999))
+        grad_mean = GradMean(params) if world_size() > 1 else None
+        model.train()
+        run_stage("stage 1", run.save_dir / run.variant.text_ckpt, {**modules, "text_optimizer": optimizer},
+                  args.text_epoch, ds, args.text_batch_size,
+                  lambda b: text_adapter_step(model, b, optimizer, anchor_fn, args, run.device, grad_mean),
+                  args, args.seed, run.logger)
+    for m in modules.values():
+        m.requires_grad_(False)
+
+
+def train_image_adapter(run: Run) -> None:
+    """Stage 2: trains the image adapters against the frozen text side's anchors."""
+    args, model = run.args, run.model
+    if args.image_epoch <= 0:
+        return
+    with same_outcome():
+        ds = load_dataset(args, args.dataset, training_shot(args), augment=True, color_jitter=True)
+    anchor_fn = run.variant.anchor_fn(model, run.bank, args, "stage2", text_trained=args.text_epoch > 0)
+    optimizer = torch.optim.Adam(model.image_adapter.parameters(), lr=args.image_lr, betas=(0.5, 0.999))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[16000, 32000], gamma=0.5)
+    state = {"image_adapter": model.image_adapter, "image_optimizer": optimizer, "image_scheduler": scheduler}
+    grad_mean = GradMean(list(model.image_adapter.parameters())) if world_size() > 1 else None
+    model.train()
+    graphs = run.device.type == "cuda" and not args.no_cuda_graph
+    forward = fast_image_forward(model, args.compile,
+                                 len(shard(args.image_batch_size, world_size(), rank())) if graphs else None)
+    run_stage("stage 2", run.save_dir / "image_adapter.pth", state, args.image_epoch, ds, args.image_batch_size,
+              lambda b: image_adapter_step(model, b, optimizer, scheduler, anchor_fn, run.device, grad_mean, forward),
+              args, args.seed + 10_000, run.logger, keep_each_epoch=True)
