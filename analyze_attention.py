@@ -1,7 +1,7 @@
 """Where do the prompt words look? Cross-attention maps and defect grounding of a cross-attention run.
 
-    python analyze_attention.py --save_path ckpt/cross_attn --dataset MVTec --classes bottle cable
-    python analyze_attention.py --save_path ckpt/cross_attn --dataset MVTec --prompts "a scratched {}." "a {}."
+    python analyze_attention.py --save_path ckpt/cross_attention --dataset MVTec --classes bottle cable
+    python analyze_attention.py --save_path ckpt/cross_attention --dataset MVTec --prompts "a scratched {}." "a {}."
 
 The text stream after text block 1 attends to the image context (the first level's Stage-1 patch features);
 a word's map is its tokens' attention rows over the patches, averaged over heads and over the word's

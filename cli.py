@@ -82,7 +82,8 @@ def add_data_args(p: argparse.ArgumentParser, default_dataset: str) -> None:
     g.add_argument("--num_workers", type=int, default=4, help="data loader processes (default: %(default)s)")
     g.add_argument("--cache_dir", default=None,
                    help="keep decoded and resized images here as .npy, so later epochs and evaluations skip "
-                        "decoding (default: off)")
+                        "decoding; images Stage 2 colour-jitters are decoded each time, as the jitter acts on the "
+                        "full-size image (default: off)")
 
 
 def get_train_parser(variant: Variant, description: str) -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Anomaly maps and image scores of any images, with a trained AA-CLIP (baseline or cross-attention).
 
     python predict.py --save_path ckpt/baseline --images photo.jpg --class_name bottle --dataset MVTec
-    python predict.py --save_path ckpt/cross_attn --images shots/ 'more/**/*.png' --class_name metal_nut
+    python predict.py --save_path ckpt/cross_attention --images shots/ 'more/**/*.png' --class_name metal_nut
 
 Writes <out>/overlays/<image>.png (the anomaly map as a heat map over the image), <out>/scores.csv and
 <out>/scores.json. Scores are raw: image_score = ((det @ T)[1] + 1) / 2 and map_max = the maximum of the

@@ -236,8 +236,8 @@ def compare_commands(args: argparse.Namespace, test_args: argparse.Namespace) ->
     """compare.py per test dataset, one arm per variant (its seeds' runs)."""
     out = Path(args.out)
     arms = [f"{v}=" + ",".join(str(out / f"{v}_seed{s}") for s in args.seeds) for v in args.variants]
-    options = dict.fromkeys(flag for variant in VARIANTS.values() for flag in test_flags(variant).items())
-    given = [x for (dest, flag) in options if getattr(test_args, dest) is not None
+    flags = {dest: flag for variant in VARIANTS.values() for dest, flag in test_flags(variant).items()}
+    given = [x for dest, flag in flags.items() if getattr(test_args, dest) is not None
              for x in (flag, str(getattr(test_args, dest)))]
     epoch = ["--epoch", str(test_args.epoch)] if test_args.epoch is not None else []
     return [[sys.executable, str(REPO / "compare.py"), *arms, "--dataset", d, "--out", str(out / f"compare_{d}"),

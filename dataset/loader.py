@@ -69,11 +69,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image_uint8(path: str, image_size: int | None, cache_dir: str | None = None) -> np.ndarray:
+def read_image_uint8(path: str, image_size: int, cache_dir: str | None = None) -> np.ndarray:
     """Any file PIL reads (any size, grayscale, RGBA, 16-bit, ...) -> uint8 [S, S, 3]: RGB as `to_rgb`
-    makes it, resized bicubic to S x S (kept at its own size [H, W, 3] when `image_size` is None). With
-    `cache_dir`, the result is kept there as `.npy` (keyed by path, modification time, file size and S),
-    so later epochs and evaluations skip decoding (and resizing)."""
+    makes it, resized bicubic to S x S. With `cache_dir`, the result is kept there as `.npy` (keyed by
+    path, modification time, file size and S), so later epochs and evaluations skip decoding and resizing."""
     cached = None
     if cache_dir:
         stat = os.stat(path)
@@ -81,11 +80,8 @@ def read_image_uint8(path: str, image_size: int | None, cache_dir: str | None = 
         cached = os.path.join(cache_dir, key.hexdigest() + ".npy")
         if os.path.exists(cached):
             return np.load(cached)
-    def convert(img: Image.Image) -> np.ndarray:
-        rgb = to_rgb(img)
-        return np.asarray(rgb if image_size is None else rgb.resize((image_size, image_size), Image.BICUBIC))
-
-    arr = np.ascontiguousarray(_decode(path, convert))
+    size = (image_size, image_size)
+    arr = np.ascontiguousarray(_decode(path, lambda img: np.asarray(to_rgb(img).resize(size, Image.BICUBIC))))
     if cached:
         os.makedirs(cache_dir, exist_ok=True)
         # Written under a unique name, then renamed: loader workers may cache the same file at once.
@@ -262,11 +258,13 @@ class ADDataset(Dataset):
         return len(self.samples)
 
     def _load_image(self, rel: str, params: AugmentParams | None) -> torch.Tensor:
-        """float [3, S, S] in [0, 1]; colour jitter, if any, on the full-size image before the resize."""
+        """float [3, S, S] in [0, 1]; colour jitter, if any, on the full-size image before the resize. A
+        jittered image is decoded each time: caching full-size decodes would take the dataset's
+        uncompressed size on disk (about 50 GB for VisA)."""
         path = self._path(rel)
         if params is None or not params.jitters:
             return read_image(path, self.image_size, self.cache_dir)
-        img = jitter_colour(Image.fromarray(read_image_uint8(path, None, self.cache_dir)), params)
+        img = jitter_colour(_decode(path, to_rgb), params)
         return _to_float(np.asarray(img.resize((self.image_size, self.image_size), Image.BICUBIC)))
 
     def _load_mask(self, sample: dict) -> torch.Tensor:
