@@ -3,7 +3,7 @@
     python analyze_attention.py --save_path ckpt/cross_attention --dataset MVTec --classes bottle cable
     python analyze_attention.py --save_path ckpt/cross_attention --dataset MVTec --prompts "a scratched {}." "a {}."
 
-The text stream after text block 1 attends to the image context (the first level's Stage-1 patch features);
+The text stream after text layer 0 attends to the image context (`image_context`: Stage-1 patch features);
 a word's map is its tokens' attention rows over the patches, averaged over heads and over the word's
 BPE tokens. For each class this writes, under --out:
 
@@ -37,6 +37,7 @@ from dataset import PROMPTS, ADDataset, denormalize, get_real_name
 from model import get_tokenizer
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention
 from utils.distributed import resolve_device
+from utils.argtypes import positive_int
 from utils.errors import UserError
 from utils.io import ensure_writable_dir
 
@@ -46,19 +47,19 @@ TEMPLATE = "a photo of {}."
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    add_model_args(p, from_run=True)
     add_data_args(p, default_dataset="MVTec")
     g = p.add_argument_group("analysis")
     g.add_argument("--save_path", required=True, help="folder written by train_cross_attention.py")
     g.add_argument("--classes", nargs="+", default=None, help="classes to analyse (default: all of the test set)")
-    g.add_argument("--num_images", type=int, default=4,
+    g.add_argument("--num_images", type=positive_int, default=4,
                    help="test images per class drawn as PNGs, anomalous first; grounding always uses every "
                         "anomalous image with a mask (default: %(default)s)")
     g.add_argument("--prompts", nargs="+", default=None,
                    help="prompt templates, '{}' = the class's real name (default: the 'a photo of {}.' template "
                         "with the first normal state and the five abnormal states, e.g. 'a photo of a damaged {}.')")
     g.add_argument("--out", default=None, help="output folder (default: <save_path>/attention)")
-    g.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    g.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: %(default)s)")
     return p
 
 

@@ -13,13 +13,16 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from dataset import ADDataset, get_dataset_info
+from dataset import ADDataset
 from dataset.check import validate_dataset
+from dataset.common import resolve_root
 from forward_utils import PromptBank, Variant
 from model import AdaptedCLIP, build_clip, get_tokenizer
 from utils.distributed import close_distributed, meet_and_close, rank, seed_everything
+from utils.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from utils.errors import UserError, own_message
 from utils.io import load_checkpoint, load_module_state
+from utils.provenance import weights_digest
 from variants import VARIANTS, read_saved_args, variant_of_run
 
 RANDOM_WEIGHTS_BANNER = "RANDOM BACKBONE WEIGHTS (--pretrained none): these numbers say nothing about AA-CLIP"
@@ -29,42 +32,53 @@ RANDOM_WEIGHTS_BANNER = "RANDOM BACKBONE WEIGHTS (--pretrained none): these numb
 # (with the variant's `model_keys`).
 ARCH_KEYS = ("variant", "model", "image_size", "quick_gelu", "relu", "levels", "text_adapt_until",
              "image_adapt_until", "surgery_until_layer")
+# Flags that change how a run goes, not what it computes: a rerun into the same --save_path may change
+# them (with larger epoch counts); every other flag must keep its saved value.
+OPERATIONAL_KEYS = ("device", "num_workers", "cache_dir", "checkpoint_every", "save_path", "data_root", "metadata_dir",
+                    "compile", "no_cuda_graph", "debug")
 # Saved flags that evaluation takes from a run's args.json unless the command line gives them.
 MODEL_KEYS = ARCH_KEYS[1:] + ("pretrained", "text_adapt_weight", "image_adapt_weight", "surgery_batch_mixing")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Flags that build the backbone and the adapters (shared by train.py and test.py)."""
-    g = p.add_argument_group("model")
+def add_model_args(p: argparse.ArgumentParser, from_run: bool = False) -> None:
+    """Flags that build the backbone and the adapters (shared by train.py and test.py). `from_run`: a
+    script that evaluates a trained run, whose args.json sets the saved flags' defaults."""
+    about = ("the flags a run was trained with (--model, --pretrained, --image_size, the adapter flags, ...) "
+             "default to its saved values in <save_path>/args.json, not to the defaults shown here"
+             if from_run else None)
+    g = p.add_argument_group("model", about)
     g.add_argument("--model", default="ViT-L-14-336",
                    help="open_clip model name; 'tiny' is a small test config (default: %(default)s)")
     g.add_argument("--pretrained", default="none",
                    help="CLIP weights: an OpenAI TorchScript .pt (e.g. ViT-L-14-336px.pt), a state-dict file "
                         "(.pt/.pth/.bin/.safetensors), 'openai' (open_clip download, needs internet) or "
                         "'none' (random weights, labelled as such everywhere) (default: %(default)s)")
-    g.add_argument("--image_size", "--img_size", type=int, default=518,
+    g.add_argument("--image_size", "--img_size", type=positive_int, default=518,
                    help="input size; the positional embedding is resized to it (default: %(default)s)")
     g.add_argument("--quick_gelu", action="store_true",
                    help="use QuickGELU, the activation the OpenAI weights were trained with; the default plain "
                         "GELU reproduces the original AA-CLIP code")
     g.add_argument("--relu", action="store_true", help="LeakyReLU after the seg/det projections")
-    g.add_argument("--text_adapt_weight", type=float, default=0.1, help="text adapter mixing weight")
-    g.add_argument("--image_adapt_weight", type=float, default=0.1, help="image adapter mixing weight")
-    g.add_argument("--levels", type=int, nargs="+", default=None,
+    g.add_argument("--text_adapt_weight", type=non_negative_float, default=0.1,
+                   help="text adapter mixing weight (default: %(default)s)")
+    g.add_argument("--image_adapt_weight", type=non_negative_float, default=0.1,
+                   help="image adapter mixing weight (default: %(default)s)")
+    g.add_argument("--levels", type=positive_int, nargs="+", default=None,
                    help="vision blocks tapped for segmentation (default: every quarter of the depth, "
                         "6 12 18 24 for ViT-L)")
-    g.add_argument("--text_adapt_until", type=int, default=None,
+    g.add_argument("--text_adapt_until", type=non_negative_int, default=None,
                    help="text blocks followed by an adapter (default: depth/4, 3 for ViT-L)")
-    g.add_argument("--image_adapt_until", type=int, default=None,
+    g.add_argument("--image_adapt_until", type=non_negative_int, default=None,
                    help="vision blocks followed by an adapter (default: depth/4, 6 for ViT-L)")
-    g.add_argument("--surgery_until_layer", type=int, default=None,
+    g.add_argument("--surgery_until_layer", type=non_negative_int, default=None,
                    help="V-V attention in the last (this - 1) vision blocks of the Stage-1 features "
                         "(default: 20 for ViT-L)")
     g.add_argument("--surgery_batch_mixing", action="store_true",
                    help="reproduce the original's defect: V-V attention across the images of the batch")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default: %(default)s)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="bf16 autocast (fp32 weights and losses) or fp32; auto = bf16 on CUDA, fp32 on CPU")
+                   help="bf16 autocast (fp32 weights and losses) or fp32; auto = bf16 on CUDA, fp32 on CPU (default: "
+                        "%(default)s)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the adapted image forward (Stage 2 and test): fused kernels, faster after "
                         "a compilation that takes tens of seconds (docs/benchmarks.md); pays off on long runs, "
@@ -75,11 +89,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_data_args(p: argparse.ArgumentParser, default_dataset: str) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=default_dataset, help="dataset name (default: %(default)s)")
-    g.add_argument("--data_root", default=None, help="dataset folder (default: the dataset's default root)")
+    g.add_argument("--data_root", default=None,
+                   help="dataset folder (default: the root make_metadata recorded in "
+                        "<metadata_dir>/<dataset>/root.json, else the dataset's default root in "
+                        "dataset/constants.json)")
     g.add_argument("--metadata_dir", default="dataset/metadata",
                    help="folder holding <dataset>/full-shot.jsonl and <dataset>/<k>-shot.jsonl "
                         "(made by python -m dataset.make_metadata) (default: %(default)s)")
-    g.add_argument("--num_workers", type=int, default=4, help="data loader processes (default: %(default)s)")
+    g.add_argument("--num_workers", type=non_negative_int, default=4,
+                   help="data loader processes (default: %(default)s)")
     g.add_argument("--cache_dir", default=None,
                    help="keep decoded and resized images here as .npy, so later epochs and evaluations skip "
                         "decoding; images Stage 2 colour-jitters are decoded each time, as the jitter acts on the "
@@ -92,28 +110,34 @@ def get_train_parser(variant: Variant, description: str) -> argparse.ArgumentPar
     add_model_args(p)
     add_data_args(p, default_dataset="VisA")
     g = p.add_argument_group("training")
-    g.add_argument("--save_path", default=f"ckpt/{variant.name}", help="checkpoint and log folder (default: %(default)s)")
+    g.add_argument("--save_path", default=f"ckpt/{variant.name}",
+                   help="checkpoint and log folder (default: %(default)s)")
     g.add_argument("--training_mode", choices=["few_shot", "full_shot"], default="few_shot",
-                   help="few_shot trains on <shot>-shot.jsonl, full_shot on full-shot.jsonl")
-    g.add_argument("--shot", type=int, default=32, help="samples per class in few_shot mode (default: %(default)s)")
-    g.add_argument("--text_epoch", type=int, default=5, help="Stage-1 epochs; 0 keeps CLIP's own text encoder")
-    g.add_argument("--image_epoch", type=int, default=20, help="Stage-2 epochs (default: %(default)s)")
-    g.add_argument("--text_batch_size", type=int, default=16,
+                   help="few_shot trains on <shot>-shot.jsonl, full_shot on full-shot.jsonl (default: %(default)s)")
+    g.add_argument("--shot", type=positive_int, default=32,
+                   help="samples per class in few_shot mode (default: %(default)s)")
+    g.add_argument("--text_epoch", type=non_negative_int, default=5,
+                   help="Stage-1 epochs; 0 keeps CLIP's own text encoder (default: %(default)s)")
+    g.add_argument("--image_epoch", type=non_negative_int, default=20, help="Stage-2 epochs (default: %(default)s)")
+    g.add_argument("--text_batch_size", type=positive_int, default=16,
                    help="Stage-1 batch size; under torchrun the global batch, split across the processes "
                         "(default: %(default)s)")
-    g.add_argument("--image_batch_size", type=int, default=2,
+    g.add_argument("--image_batch_size", type=positive_int, default=2,
                    help="Stage-2 batch size; under torchrun the global batch (default: %(default)s)")
-    g.add_argument("--text_lr", type=float, default=1e-5, help="Stage-1 Adam learning rate")
-    g.add_argument("--image_lr", type=float, default=5e-4, help="Stage-2 Adam learning rate")
-    g.add_argument("--text_norm_weight", type=float, default=0.1, help="weight of the orthogonality term")
+    g.add_argument("--text_lr", type=positive_float, default=1e-5,
+                   help="Stage-1 Adam learning rate (default: %(default)s)")
+    g.add_argument("--image_lr", type=positive_float, default=5e-4,
+                   help="Stage-2 Adam learning rate (default: %(default)s)")
+    g.add_argument("--text_norm_weight", type=non_negative_float, default=0.1,
+                   help="weight of the orthogonality term (default: %(default)s)")
     g.add_argument("--stage1_all_levels", action="store_true",
                    help="sum the Stage-1 seg loss over all levels (the original uses the last level only)")
     g.add_argument("--seed", type=int, default=111, help="random seed (default: %(default)s)")
     g.add_argument("--no_cuda_graph", action="store_true",
                    help="run Stage 2 eagerly; by default on CUDA the image forward and backward of each full "
-                        "batch replay one CUDA graph (the same kernels without the launch cost: 2.5x faster at "
-                        "batch 2)")
-    g.add_argument("--checkpoint_every", type=int, default=0,
+                        "batch replay one CUDA graph (the same kernels without the launch cost; speed-ups in "
+                        "docs/benchmarks.md)")
+    g.add_argument("--checkpoint_every", type=non_negative_int, default=0,
                    help="also save a resumable checkpoint every N steps inside an epoch (0: only at epoch ends "
                         "and on SIGINT/SIGTERM) (default: %(default)s)")
     variant.add_train_args(p)
@@ -123,14 +147,14 @@ def get_train_parser(variant: Variant, description: str) -> argparse.ArgumentPar
 def get_test_parser(description: str = "") -> argparse.ArgumentParser:
     """test.py's flags (the variants' own test flags are added by `add_variant_test_args`)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    add_model_args(p, from_run=True)
     add_data_args(p, default_dataset="MVTec")
     g = p.add_argument_group("evaluation")
     g.add_argument("--save_path", required=True, help="folder written by train.py or train_cross_attention.py")
-    g.add_argument("--epoch", type=int, default=None,
+    g.add_argument("--epoch", type=positive_int, default=None,
                    help="evaluate image_adapter_<epoch>.pth (default: the last epoch)")
     g.add_argument("--all_epochs", action="store_true", help="evaluate every saved epoch, in numeric order")
-    g.add_argument("--batch_size", type=int, default=8,
+    g.add_argument("--batch_size", type=positive_int, default=8,
                    help="images per forward pass (per process under torchrun) (default: %(default)s)")
     g.add_argument("--visualize", action="store_true",
                    help="save image | ground truth | anomaly map panels under <results>/vis/ (rank 0 under torchrun)")
@@ -170,7 +194,7 @@ def metadata_file(args: argparse.Namespace, dataset: str, shot: int | None) -> P
 
 
 def load_dataset(args: argparse.Namespace, dataset: str, shot: int | None, **kwargs) -> ADDataset:
-    root = args.data_root or get_dataset_info(dataset)["default_root"]
+    root = resolve_root(args.data_root, args.metadata_dir, dataset)
     validate_dataset(root, metadata_file(args, dataset, shot))  # reads file headers only: ~0.1 ms a file
     return ADDataset(root, str(metadata_file(args, dataset, shot)), image_size=args.image_size,
                      cache_dir=args.cache_dir, **kwargs)
@@ -228,6 +252,7 @@ def parse_run_args(make_parser: Callable[[], argparse.ArgumentParser], argv: lis
         setattr(args, key, saved.get(key, train_defaults.get_default(key)))
     variant.finish_test_args(args)
     args.variant = variant
+    args.training_manifest = saved.get("manifest")
     return args
 
 
@@ -248,6 +273,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[AdaptedC
     save_dir, variant = Path(args.save_path), args.variant
     seed_everything(args.seed)  # with --pretrained none, training's seed redraws its random backbone
     model = build_model(args, variant, device)
+    args.weights_sha256 = check_weights(args)
     path = save_dir / variant.text_ckpt
     if not path.exists():
         if variant.needs_text_stage:
@@ -264,6 +290,18 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[AdaptedC
     for key, module in variant.modules(model).items():
         load_module_state(module, ckpt, key, path)
     return model, True
+
+
+def check_weights(args: argparse.Namespace) -> str | None:
+    """SHA-256 of the --pretrained file (None for 'none' or an open_clip tag); a `UserError` when the run
+    (`args.training_manifest`) was trained on a weight file with other bytes. A moved copy is fine."""
+    digest = weights_digest(args.pretrained)
+    trained = (args.training_manifest or {}).get("weights_sha256")
+    if trained is not None and digest != trained:
+        found = f"sha256 {digest[:12]}" if digest else "not a weight file"
+        raise UserError(f"--pretrained {args.pretrained} ({found}) is not the weight file {args.save_path} was trained "
+                        f"with (sha256 {trained[:12]}); pass that file with --pretrained")
+    return digest
 
 
 def load_image_adapter(model: AdaptedCLIP, path: Path) -> int:

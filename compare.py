@@ -10,9 +10,12 @@ the Δ columns and the paired tests. For every run this reads
 <dataset>`, the suffix naming the run's variant's test options (none for the baseline, `_image` or `_none`
 for cross-attention's --text_context).
 
-Prints Markdown tables (one per metric: classes + mean as rows, arms and Δ as columns; `mean ± std` over
-runs, sample std) and a table of paired tests against the reference, and writes them to `<out>.md` plus a
-long-format `<out>.csv` (arm, run, seed, class, metric, value).
+Prints Markdown tables (one per metric: classes + mean as rows, arms and Δ as columns; `mean ± std [95%
+CI]` over runs, sample std, percentile bootstrap; the mean row also with a CI over classes and the number
+of classes it averages) and a table of paired tests against the reference over seeds and over classes
+(bootstrap CI of the mean Δ, exact sign-flip permutation, sign and Wilcoxon tests, the t-test where it is
+defined, minimum detectable effect). Writes them to `<out>.md`, a long-format `<out>.csv` (arm, run,
+seed, class, metric, value) and a forest plot of the per-class Δs, `<out>_forest.png`.
 """
 from __future__ import annotations
 
@@ -20,21 +23,54 @@ import argparse
 import copy
 import csv
 import glob
+import io
 import json
 import os
 import re
-import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from cli import RANDOM_WEIGHTS_BANNER, add_variant_test_args, cli_main, test_flags
 from metrics import METRIC_NAMES
 from utils.errors import UserError
+from utils.io import ensure_writable_dir, remove_stale_temporaries, write_output
+from utils.stats import (CI, EXACT_MAX_N, MONTE_CARLO, bootstrap_ci, bootstrap_diff_ci, min_detectable_effect,
+                         permutation_p, sign_test_p, t_test_p, wilcoxon_p)
 from variants import VARIANTS, read_saved_args, variant_of_run
 
 MEAN_ROW = "mean"
-Stat = tuple[float | None, float | None, int]  # mean over runs, sample std (None below 2 runs), runs defined
+CLASS_CI_ROW = "mean: CI over classes"
+Runs = list[dict]  # an arm's runs, as load_run returns them
+Pairs = list[tuple[dict, dict]]  # (reference run, arm run) of the same seed
+
+
+class Resampling(NamedTuple):
+    """How bootstrap intervals and Monte-Carlo sign flips are drawn (--bootstrap, --seed)."""
+    n_resamples: int = 10_000
+    seed: int = 0
+
+
+@dataclass
+class Summary:
+    """One arm's value of one metric in one row, over the arm's runs."""
+    mean: float | None
+    std: float | None  # sample std; None below 2 runs
+    n: int  # runs where the metric is defined
+    ci: CI | None  # percentile bootstrap over the runs (seeds)
+    ci_classes: CI | None = None  # mean row: bootstrap over the classes' means
+    classes: tuple[int, ...] = ()  # mean row: the distinct numbers of classes the runs' means average
+
+
+@dataclass
+class Delta:
+    """Arm − reference of one metric in one row."""
+    value: float | None  # difference of the arms' means; None where either is undefined
+    ci: CI | None  # bootstrap over seeds, paired where every run has its partner seed
+    ci_classes: CI | None = None  # mean row: bootstrap over the classes' Δs
 
 
 def natural_key(text: str) -> list:
@@ -125,37 +161,39 @@ def check_classes(arms: dict[str, list[dict]]) -> list[str]:
     return classes
 
 
-def aggregate(arms: dict[str, list[dict]], metrics: list[str]) -> dict[str, dict[str, dict[str, Stat]]]:
-    """arm -> row (classes, mean) -> metric -> (mean over runs, sample std, number of runs where defined)."""
-    rows = check_classes(arms) + [MEAN_ROW]
-    out: dict[str, dict[str, dict[str, Stat]]] = {}
+def defined(values: Iterable[float | None]) -> list[float]:
+    """The values that are not n/a."""
+    return [v for v in values if v is not None]
+
+
+def aggregate(arms: dict[str, Runs], metrics: list[str], resampling: Resampling = Resampling()
+              ) -> dict[str, dict[str, dict[str, Summary]]]:
+    """arm -> row (classes, mean) -> metric -> Summary over the arm's runs. The mean row also gets a CI
+    over the classes (of the per-class means) and how many classes the runs' means average."""
+    classes = check_classes(arms)
+    out: dict[str, dict[str, dict[str, Summary]]] = {}
     for label, runs in arms.items():
         out[label] = {}
-        for row in rows:
+        for row in [*classes, MEAN_ROW]:
             out[label][row] = {}
             for metric in metrics:
-                values = [v for run in runs if (v := run_rows(run)[row].get(metric)) is not None]
-                mean = float(np.mean(values)) if values else None
-                std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-                out[label][row][metric] = (mean, std, len(values))
+                values = defined(run_rows(run)[row].get(metric) for run in runs)
+                out[label][row][metric] = Summary(float(np.mean(values)) if values else None,
+                                                  float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                                                  len(values), bootstrap_ci(values, *resampling))
+        for metric in metrics:
+            mean = out[label][MEAN_ROW][metric]
+            mean.ci_classes = bootstrap_ci(defined(out[label][c][metric].mean for c in classes), *resampling)
+            mean.classes = tuple(sorted({len(defined(run["per_class"][c].get(metric) for c in classes))
+                                         for run in runs}))
     return out
 
 
-def deltas(agg: dict[str, dict[str, dict[str, Stat]]]) -> dict[str, dict[str, dict[str, float | None]]]:
-    """Non-reference arm -> row -> metric -> arm mean − reference mean (None where either is undefined)."""
-    reference, *others = agg
-    return {label: {row: {metric: None if stat[0] is None or agg[reference][row][metric][0] is None
-                          else stat[0] - agg[reference][row][metric][0]
-                          for metric, stat in cells.items()}
-                    for row, cells in agg[label].items()}
-            for label in others}
-
-
-def pair_runs(reference: list[dict], runs: list[dict]) -> tuple[list[tuple[dict, dict]], str, list[str]]:
-    """Runs of two arms paired by the `seed` in their args.json -> (pairs, pairing name, notes).
+def pair_runs(reference: Runs, runs: Runs) -> tuple[Pairs, list[str]]:
+    """Runs of two arms paired by the `seed` in their args.json -> (pairs, notes on runs left out).
     One run on each side is paired as is."""
     if len(reference) == 1 and len(runs) == 1:
-        return [(reference[0], runs[0])], "pairs over classes (one run per arm)", []
+        return [(reference[0], runs[0])], []
     notes = [f"left out {run['path']} (no seed in its args.json)"
              for run in reference + runs if run["seed"] is None]
     seeds = []
@@ -170,46 +208,80 @@ def pair_runs(reference: list[dict], runs: list[dict]) -> tuple[list[tuple[dict,
     common = sorted(set(seeds[0]) & set(seeds[1]))
     notes += [f"left out {run['path']} (seed {seed}: no run with that seed in the other arm)"
               for side in seeds for seed, run in side.items() if seed not in common]
-    return [(seeds[0][s], seeds[1][s]) for s in common], "pairs over (seed, class)", notes
+    return [(seeds[0][s], seeds[1][s]) for s in common], notes
 
 
-def test_differences(arm: np.ndarray, reference: np.ndarray) -> tuple[float | None, float | None]:
-    """Two-sided Wilcoxon signed-rank and paired t-test p-values (None where undefined)."""
-    import scipy.stats  # slow to import (~1.5 s) and only needed here: keeps --help and errors quick
-
-    d = arm - reference
-    if d.size == 0:
-        return None, None
-    if not d.any():  # no difference at all: scipy's answer is nan or an error, the honest one is p = 1
-        return 1.0, 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # small-sample and zero-variance warnings
-        try:
-            w = float(scipy.stats.wilcoxon(d).pvalue)
-        except ValueError:
-            w = float("nan")
-        t = float(scipy.stats.ttest_rel(arm, reference).pvalue) if d.size > 1 else float("nan")
-    return (None if np.isnan(w) else w), (None if np.isnan(t) else t)
+def paired_differences(pairs: Pairs, row: str, metric: str) -> np.ndarray:
+    """Arm − reference in `row` (a class or the mean) for each pair of runs where both are defined."""
+    return np.array([a - r for ref, run in pairs if (r := run_rows(ref)[row].get(metric)) is not None
+                     and (a := run_rows(run)[row].get(metric)) is not None], dtype=float)
 
 
-def paired_tests(arms: dict[str, list[dict]], metrics: list[str]) -> tuple[list[dict], list[str]]:
-    """Each non-reference arm against the reference, per metric, over per-class values of paired runs
-    (the mean row is left out: it is not an independent pair). Returns (rows, notes)."""
+def class_differences(pairs: Pairs, classes: list[str], metric: str) -> np.ndarray:
+    """Per class, arm − reference averaged over the pairs where both are defined (a class with none is
+    left out)."""
+    per_class = (paired_differences(pairs, c, metric) for c in classes)
+    return np.array([d.mean() for d in per_class if d.size], dtype=float)
+
+
+def delta_ci(runs: Runs, ref_runs: Runs, pairs: Pairs, paired: bool, row: str, metric: str,
+             resampling: Resampling) -> CI | None:
+    """CI over seeds of the difference of the arms' means: a bootstrap of the paired differences when every
+    run has its partner seed (seed-to-seed variation cancels); else each arm's runs resampled on their
+    own, so that the interval is about the same Δ as the table shows, not the paired runs' alone."""
+    if paired:
+        return bootstrap_ci(paired_differences(pairs, row, metric), *resampling)
+    return bootstrap_diff_ci(defined(run_rows(r)[row].get(metric) for r in runs),
+                             defined(run_rows(r)[row].get(metric) for r in ref_runs), *resampling)
+
+
+def deltas(arms: dict[str, Runs], agg: dict[str, dict[str, dict[str, Summary]]],
+           resampling: Resampling = Resampling()) -> dict[str, dict[str, dict[str, Delta]]]:
+    """Non-reference arm -> row -> metric -> Delta: the difference of the arms' means with its bootstrap CI
+    over seeds; the mean row also with a CI over the classes' Δs."""
+    classes = check_classes(arms)
+    (reference, ref_runs), *others = arms.items()
+    out: dict[str, dict[str, dict[str, Delta]]] = {}
+    for label, runs in others:
+        pairs, left_out = pair_runs(ref_runs, runs)
+        out[label] = {}
+        for row, cells in agg[label].items():
+            out[label][row] = {}
+            for metric, cell in cells.items():
+                ref = agg[reference][row][metric].mean
+                value = None if cell.mean is None or ref is None else cell.mean - ref
+                out[label][row][metric] = Delta(value, delta_ci(runs, ref_runs, pairs, not left_out, row, metric,
+                                                                resampling))
+        for metric, mean in out[label][MEAN_ROW].items():
+            mean.ci_classes = bootstrap_ci(defined(out[label][c][metric].value for c in classes), *resampling)
+    return out
+
+
+def summarise_differences(d: np.ndarray, resampling: Resampling) -> dict:
+    """Mean, bootstrap CI, exact and t-test p-values and minimum detectable effect of paired differences."""
+    return {"n": int(d.size), "mean_diff": float(d.mean()) if d.size else None,
+            "ci": bootstrap_ci(d, *resampling), "perm_p": permutation_p(d, resampling.seed),
+            "sign_p": sign_test_p(d), "wilcoxon_p": wilcoxon_p(d, resampling.seed), "t_p": t_test_p(d),
+            "mde": min_detectable_effect(float(np.std(d, ddof=1)) if d.size > 1 else 0.0, d.size)}
+
+
+def paired_tests(arms: dict[str, Runs], metrics: list[str], resampling: Resampling = Resampling()
+                 ) -> tuple[list[dict], list[str]]:
+    """Each non-reference arm against the reference, per metric, at two levels: over seeds (per paired
+    seed, the difference of the runs' mean rows) and over classes (per class, the difference averaged over
+    the paired seeds). Pooling (seed, class) pairs instead would count the classes of one run as
+    independent samples and overstate the evidence. Returns (rows, notes)."""
     classes = check_classes(arms)
     (ref_label, reference), *others = arms.items()
     rows, notes = [], []
     for label, runs in others:
-        pairs, pairing, arm_notes = pair_runs(reference, runs)
+        pairs, arm_notes = pair_runs(reference, runs)
         notes += [f"{label} vs {ref_label}: {n}" for n in arm_notes]
         for metric in metrics:
-            values = [(run["per_class"][c].get(metric), ref["per_class"][c].get(metric))
-                      for ref, run in pairs for c in classes]
-            defined = np.array([v for v in values if None not in v], dtype=float).reshape(-1, 2)
-            arm_v, ref_v = defined[:, 0], defined[:, 1]
-            wilcoxon_p, t_p = test_differences(arm_v, ref_v)
-            rows.append({"arm": label, "reference": ref_label, "metric": metric, "pairing": pairing,
-                         "n": int(arm_v.size), "mean_diff": float(np.mean(arm_v - ref_v)) if arm_v.size else None,
-                         "wilcoxon_p": wilcoxon_p, "t_p": t_p})
+            for over, d in (("seeds", paired_differences(pairs, MEAN_ROW, metric)),
+                            ("classes", class_differences(pairs, classes, metric))):
+                rows.append({"arm": label, "reference": ref_label, "metric": metric, "over": over,
+                             **summarise_differences(d, resampling)})
     return rows, notes
 
 
@@ -217,18 +289,40 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def fmt_stat(stat: Stat, n_runs: int) -> str:
-    mean, std, n = stat
-    if n_runs == 1 or mean is None:
-        return fmt(mean)
-    text = fmt(mean) if std is None else f"{fmt(mean)} ± {fmt(std)}"
-    return text if n == n_runs else f"{text} (n={n})"
+def fmt_ci(ci: CI | None, spec: str = ".2f") -> str:
+    return "n/a" if ci is None else f"[{ci[0]:{spec}}, {ci[1]:{spec}}]"
+
+
+def fmt_summary(cell: Summary, n_runs: int) -> str:
+    """`mean ± std [CI]` (a single run: the value); (n=k) where fewer runs than the arm's define it."""
+    if n_runs == 1 or cell.mean is None:
+        return fmt(cell.mean)
+    text = fmt(cell.mean) + ("" if cell.std is None else f" ± {fmt(cell.std)}") + (
+        "" if cell.ci is None else f" {fmt_ci(cell.ci)}")
+    return text if cell.n == n_runs else f"{text} (n={cell.n})"
+
+
+def fmt_delta(cell: Delta) -> str:
+    if cell.value is None or cell.ci is None:
+        return fmt(cell.value, "+.2f")
+    return f"{cell.value:+.2f} {fmt_ci(cell.ci, '+.2f')}"
+
+
+def mean_label(agg: dict[str, dict[str, dict[str, Summary]]], metric: str, n_classes: int) -> str:
+    """`mean (4 classes)`; `mean (3 of 4 classes)` where n/a classes are left out; per arm, as
+    `mean (base 4, cross 3–4 of 4 classes)`, where the arms' runs differ in that."""
+    counts = {label: rows[MEAN_ROW][metric].classes for label, rows in agg.items()}
+    spans = {label: "–".join(map(str, sorted({c[0], c[-1]}))) if c else "0" for label, c in counts.items()}
+    of = "" if all(c == (n_classes,) for c in counts.values()) else f" of {n_classes}"
+    if len(set(spans.values())) == 1:
+        return f"{MEAN_ROW} ({next(iter(spans.values()))}{of} classes)"
+    return f"{MEAN_ROW} (" + ", ".join(f"{label} {span}" for label, span in spans.items()) + f"{of} classes)"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """Padded so that it also reads as a table in a terminal; numeric columns right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    numeric = [bool(rows) and all(re.match(r"[+\-]?\d|n/a", r[i]) for r in rows) for i in range(len(header))]
+    numeric = [bool(rows) and all(re.match(r"\[?[+\-]?\d|n/a", r[i]) for r in rows) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
         padded = (c.rjust(w) if right else c.ljust(w) for c, w, right in zip(cells, widths, numeric))
@@ -238,49 +332,128 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), rule, *map(line, rows)])
 
 
-def report(arms: dict[str, list[dict]], metrics: list[str], dataset: str, epoch: int | None,
-           options: argparse.Namespace) -> str:
-    """The whole comparison as Markdown."""
-    agg = aggregate(arms, metrics)
-    delta = deltas(agg)
+def metric_table(arms: dict[str, Runs], agg: dict[str, dict[str, dict[str, Summary]]],
+                 delta: dict[str, dict[str, dict[str, Delta]]], metric: str) -> str:
+    """Classes, the mean and the mean's CI over classes as rows; arms, then Δs as columns."""
+    classes = check_classes(arms)
+
+    def cells(row: str) -> list[str]:
+        return [*(fmt_summary(agg[label][row][metric], len(runs)) for label, runs in arms.items()),
+                *(fmt_delta(delta[label][row][metric]) for label in delta)]
+
+    rows = [[c, *cells(c)] for c in classes] + [
+        [mean_label(agg, metric, len(classes)), *cells(MEAN_ROW)],
+        [CLASS_CI_ROW, *(fmt_ci(agg[label][MEAN_ROW][metric].ci_classes) for label in arms),
+         *(fmt_ci(delta[label][MEAN_ROW][metric].ci_classes, "+.2f") for label in delta)]]
+    return markdown_table(["class", *arms, *(f"Δ {label}" for label in delta)], rows)
+
+
+def tests_section(arms: dict[str, Runs], metrics: list[str], resampling: Resampling) -> list[str]:
+    """The paired tests against the reference as Markdown lines: what each column means, the table, notes."""
+    tests, notes = paired_tests(arms, metrics, resampling)
     reference = next(iter(arms))
-    random_runs = [str(r["path"]) for runs in arms.values() for r in runs if r["meta"].get("random_weights")]
+    if any(2 <= t["n"] < 6 for t in tests):
+        notes.append("below 6 pairs the exact tests cannot reach p < 0.05: their smallest two-sided p is 2/2^n "
+                     "(0.5 for 2 pairs, 0.25 for 3)")
+    if any(t["n"] > EXACT_MAX_N for t in tests):
+        notes.append(f"perm and Wilcoxon p over more than {EXACT_MAX_N} pairs: Monte-Carlo over {MONTE_CARLO} "
+                     f"random sign patterns (seed {resampling.seed}), (hits + 1) / (draws + 1)")
+    header = ["arm", "metric", "over", "n", "mean Δ", "95% CI", "perm p", "sign p", "Wilcoxon p", "t p", "MDE"]
+    rows = [[t["arm"], t["metric"], t["over"], str(t["n"]), fmt(t["mean_diff"], "+.2f"), fmt_ci(t["ci"], "+.2f"),
+             *(fmt(t[key], ".3g") for key in ("perm_p", "sign_p", "wilcoxon_p", "t_p")), fmt(t["mde"])]
+            for t in tests]
+    return [f"## Paired tests vs {reference}", "",
+            "- over seeds: one difference per seed both arms have (of the runs' mean rows); over classes: one per "
+            "class (averaged over those seeds). 95% CI: percentile bootstrap of the mean Δ.",
+            "- All p two-sided. perm: exact sign-flip permutation test of the mean Δ (all 2^n sign patterns); "
+            "sign: exact binomial sign test; Wilcoxon: signed-rank, exact by the same enumeration (zeros "
+            "dropped, ties mid-ranked); t: paired t-test. n/a below 2 pairs (t: below 3, or with equal nonzero "
+            "differences, where t would be infinite).",
+            "- MDE: the true mean Δ a paired t-test at α = 0.05 detects with 80% power, for this n and the observed "
+            "SD of the differences (noncentral t; n/a below 3 pairs or without spread).",
+            "", markdown_table(header, rows), "", *(f"- {n}" for n in notes), *([""] if notes else [])]
+
+
+def random_weight_runs(arms: dict[str, Runs]) -> list[str]:
+    """Runs whose results came from a random backbone."""
+    return [str(r["path"]) for runs in arms.values() for r in runs if r["meta"].get("random_weights")]
+
+
+def report(arms: dict[str, Runs], agg: dict[str, dict[str, dict[str, Summary]]],
+           delta: dict[str, dict[str, dict[str, Delta]]], dataset: str, epoch: int | None,
+           options: argparse.Namespace, resampling: Resampling = Resampling()) -> str:
+    """The whole comparison as Markdown, from `aggregate` and `deltas`."""
+    reference = next(iter(arms))
+    metrics = list(agg[reference][MEAN_ROW])
     lines = [f"# {dataset}: " + " vs ".join(arms) + f" (reference: {reference})", ""]
-    if random_runs:
+    if random_runs := random_weight_runs(arms):
         lines += [f"**{RANDOM_WEIGHTS_BANNER}** (runs: {', '.join(random_runs)})", ""]
     given = ", ".join(f"{k} {v}" for k, v in vars(options).items() if v is not None) or "each variant's defaults"
     lines += [f"epoch: {'largest present' if epoch is None else epoch}; test options: {given}; values in percent, "
-              f"`mean ± std` over runs (sample std), Δ = arm − {reference}", ""]
+              f"`mean ± std [95% CI]` over runs (sample std; percentile bootstrap, {resampling.n_resamples} "
+              f"resamples, seed {resampling.seed}); Δ = arm − {reference} [95% CI over seeds: paired bootstrap; "
+              f"unpaired where some run has no partner seed]; `{CLASS_CI_ROW}`: bootstrap over the per-class means "
+              "(Δs); the mean row counts the classes it averages (n/a left out)", ""]
     lines += [markdown_table(["arm", "run", "seed", "variant", "epoch", "result"],
                              [[label, str(r["path"]), str(r["seed"]), str(r["meta"].get("variant", "?")),
                                str(r["epoch"]), r["file"].name] for label, runs in arms.items() for r in runs]), ""]
     for metric in metrics:
-        header = ["class", *arms, *(f"Δ {label}" for label in delta)]
-        rows = [[row, *(fmt_stat(agg[label][row][metric], len(runs)) for label, runs in arms.items()),
-                 *(fmt(delta[label][row][metric], "+.2f") for label in delta)] for row in agg[reference]]
-        lines += [f"## {metric}", "", markdown_table(header, rows), ""]
+        lines += [f"## {metric}", "", metric_table(arms, agg, delta, metric), ""]
     if len(arms) > 1:
-        tests, notes = paired_tests(arms, metrics)
-        lines += [f"## Paired tests vs {reference} (per-class values; Wilcoxon signed-rank drops zero differences)",
-                  "", markdown_table(["arm", "metric", "pairing", "n", "mean Δ", "Wilcoxon p", "t-test p"],
-                                     [[t["arm"], t["metric"], t["pairing"], str(t["n"]), fmt(t["mean_diff"], "+.2f"),
-                                       fmt(t["wilcoxon_p"], ".3g"), fmt(t["t_p"], ".3g")] for t in tests]), ""]
-        lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+        lines += tests_section(arms, metrics, resampling)
     return "\n".join(lines)
 
 
-def write_csv(arms: dict[str, list[dict]], metrics: list[str], path: Path) -> None:
+def forest_plot(delta: dict[str, dict[str, dict[str, Delta]]], classes: list[str], metrics: list[str],
+                title: str) -> bytes:
+    """PNG, a panel per metric: each non-reference arm's per-class Δ with its 95% CI over seeds, then the
+    mean's Δ with its CI over seeds and over classes. A Δ without an interval (one run) is a bare dot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # slow to import, only needed here
+    from matplotlib.figure import Figure  # not pyplot: no global state, no display backend
+
+    labels = [*classes, "mean, CI over seeds", "mean, CI over classes"]
+    fig = Figure(figsize=(2 + 3.2 * len(metrics), 1.5 + 0.3 * len(labels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    offsets = np.linspace(-0.2, 0.2, len(delta)) if len(delta) > 1 else [0.0]  # arms side by side in a row
+    for ax, metric in zip(axes, metrics):
+        ax.axvline(0.0, color="grey", linewidth=0.8)
+        for i, ((label, rows), offset) in enumerate(zip(delta.items(), offsets)):
+            mean = rows[MEAN_ROW][metric]
+            points = [(rows[c][metric].value, rows[c][metric].ci) for c in classes] + [
+                (mean.value, mean.ci), (mean.value, mean.ci_classes)]
+            ys = [y + offset for y, (value, _) in enumerate(points) if value is not None]
+            ax.plot([value for value, _ in points if value is not None], ys, "o", color=f"C{i}", markersize=4,
+                    label=label)
+            for y, (value, ci) in enumerate(points):
+                if value is not None and ci is not None:  # a line, not xerr: the CI need not contain the Δ
+                    ax.hlines(y + offset, *ci, color=f"C{i}", linewidth=1.5)
+        ax.axhline(len(classes) - 0.5, color="grey", linewidth=0.5, linestyle=":")  # classes | mean
+        ax.set_title(metric)
+        ax.set_xlabel("Δ (percentage points)")
+    axes[0].set_yticks(range(len(labels)), labels)
+    axes[0].invert_yaxis()
+    handles, names = axes[0].get_legend_handles_labels()  # one entry per arm, not one per panel
+    fig.legend(handles, names, loc="outside lower center", ncols=len(names))
+    fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def write_csv(arms: dict[str, Runs], metrics: list[str], path: Path) -> None:
     """Long format, one row per (run, class or mean, metric); undefined values as n/a."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["arm", "run", "seed", "class", "metric", "value"])
-        for label, runs in arms.items():
-            for run in runs:
-                for row, values in run_rows(run).items():
-                    for metric in metrics:
-                        value = values.get(metric)
-                        w.writerow([label, run["path"], "" if run["seed"] is None else run["seed"], row, metric,
-                                    "n/a" if value is None else repr(float(value))])
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["arm", "run", "seed", "class", "metric", "value"])
+    for label, runs in arms.items():
+        for run in runs:
+            for row, values in run_rows(run).items():
+                for metric in metrics:
+                    value = values.get(metric)
+                    w.writerow([label, run["path"], "" if run["seed"] is None else run["seed"], row, metric,
+                                "n/a" if value is None else repr(float(value))])
+    write_output(text.getvalue(), path, "--out")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -293,8 +466,13 @@ def get_parser() -> argparse.ArgumentParser:
                    help="compare this epoch's results (default: the largest epoch evaluated, per run)")
     p.add_argument("--metrics", nargs="+", choices=METRIC_NAMES, default=METRIC_NAMES, metavar="METRIC",
                    help=f"metrics to compare, in this order (default: all of {', '.join(METRIC_NAMES)})")
+    p.add_argument("--bootstrap", type=int, default=Resampling().n_resamples, metavar="N",
+                   help="resamples of every percentile-bootstrap 95%% interval (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=Resampling().seed,
+                   help="seed of the bootstrap and of the Monte-Carlo sign flips beyond "
+                        f"{EXACT_MAX_N} pairs, so that a report can be reproduced (default: %(default)s)")
     p.add_argument("--out", default=None,
-                   help="writes <out>.md and <out>.csv (default: results/compare_<dataset>)")
+                   help="writes <out>.md, <out>.csv and <out>_forest.png (default: results/compare_<dataset>)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     add_variant_test_args(p)  # which of a run's results to read, as test.py named them
     return p
@@ -303,22 +481,36 @@ def get_parser() -> argparse.ArgumentParser:
 @cli_main
 def main() -> None:
     args = get_parser().parse_args()
+    if args.bootstrap < 1:
+        raise UserError(f"--bootstrap {args.bootstrap}: give at least 1 resample (thousands for a stable interval)")
+    resampling = Resampling(args.bootstrap, args.seed)
     options = argparse.Namespace(**{dest: getattr(args, dest) for variant in VARIANTS.values()
                                     for dest in test_flags(variant)})
-    arms: dict[str, list[dict]] = {}
+    arms: dict[str, Runs] = {}
     for spec in args.arms:
         label, paths = parse_arm(spec)
         if label in arms:
             raise UserError(f"two arms are labelled '{label}'; name them with label=path")
         arms[label] = [load_run(p, args.dataset, args.epoch, options) for p in paths]
-    text = report(arms, args.metrics, args.dataset, args.epoch, options)
+    agg = aggregate(arms, args.metrics, resampling)
+    delta = deltas(arms, agg, resampling)
+    text = report(arms, agg, delta, args.dataset, args.epoch, options, resampling)
     print(text)
     out = Path(args.out or f"results/compare_{args.dataset}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out.parent, "--out")
+    remove_stale_temporaries(out.parent)
     md, csv_path = out.parent / f"{out.name}.md", out.parent / f"{out.name}.csv"
-    md.write_text(text)
+    write_output(text, md, "--out")  # atomically: a reader never sees half a report
     write_csv(arms, args.metrics, csv_path)
-    print(f"saved {md} and {csv_path}")
+    saved = [md, csv_path]
+    if delta:  # one arm: no Δ to plot
+        reference = next(iter(arms))
+        title = f"{args.dataset}: Δ vs {reference} with 95% bootstrap intervals"
+        if random_weight_runs(arms):
+            title += f"\n{RANDOM_WEIGHTS_BANNER}"
+        saved.append(out.parent / f"{out.name}_forest.png")
+        write_output(forest_plot(delta, check_classes(arms), args.metrics, title), saved[-1], "--out")
+    print("saved " + ", ".join(map(str, saved)))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,14 +22,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from cli import ARCH_KEYS, RANDOM_WEIGHTS_BANNER, build_model, load_dataset, make_bank, training_shot
+from cli import (OPERATIONAL_KEYS, RANDOM_WEIGHTS_BANNER, build_model, load_dataset, make_bank, metadata_file,
+                 resolve_precision, training_shot)
 from dataset import ADDataset
 from forward_utils import AnchorFn, PromptBank, Variant, stage1_loss, stage2_loss
 from model import AdaptedCLIP
 from utils.distributed import (barrier, gather_objects, init_distributed, is_main, max_over_ranks, rank, rank_seed,
                                same_outcome, seed_everything, shard, world_size)
-from utils.errors import UserError
-from utils.io import atomic_save, ensure_writable_dir, load_checkpoint, load_module_state, setup_logger
+from utils.errors import UserError, own_message
+from utils.io import (RunLock, atomic_save, ensure_writable_dir, load_checkpoint, load_module_state,
+                      remove_stale_temporaries, setup_logger, write_output)
+from utils.progress import progress
+from utils.provenance import manifest
+from variants import read_saved_args
 
 
 class EpochSampler(Sampler):
@@ -317,6 +324,53 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def epoch_path(ckpt_path: Path, epoch: int) -> Path:
+    """`image_adapter.pth` -> `image_adapter_<epoch>.pth`."""
+    return ckpt_path.with_name(f"{ckpt_path.stem}_{epoch}.pth")
+
+
+def resume_checkpoint(ckpt_path: Path, per_epoch: bool, logger: logging.Logger) -> tuple[Path, dict | None]:
+    """(file, checkpoint) to resume a stage from: `ckpt_path` when it loads; when it is missing or damaged
+    and the stage keeps each epoch (`per_epoch`), the newest per-epoch checkpoint that loads;
+    (ckpt_path, None) for a fresh start."""
+    reason = None
+    if ckpt_path.exists():
+        try:
+            return ckpt_path, load_checkpoint(ckpt_path)
+        except UserError as damaged:
+            if not per_epoch:
+                raise
+            reason = own_message(damaged)
+    if per_epoch:
+        epochs = sorted((int(m.group(1)), p) for p in ckpt_path.parent.glob(f"{ckpt_path.stem}_*.pth")
+                        if (m := re.fullmatch(rf"{re.escape(ckpt_path.stem)}_(\d+)\.pth", p.name)))
+        for _, path in reversed(epochs):
+            try:
+                ckpt = load_checkpoint(path)
+            except UserError as e:
+                logger.info(f"skipping {path.name}: {own_message(e)}")
+                continue
+            logger.info(f"{reason or f'{ckpt_path.name} is missing'}; resuming from {path.name}, the newest "
+                        "per-epoch checkpoint that loads")
+            return path, ckpt
+    if reason is not None:
+        raise UserError(f"{reason}; no per-epoch checkpoint loads either: delete {ckpt_path} to retrain this stage")
+    return ckpt_path, None
+
+
+def save_checkpoint(ckpt: dict, ckpt_path: Path, epoch: int | None) -> None:
+    """Writes `ckpt_path` (and `<stem>_<epoch>.pth` first when `epoch` is given: a kill between the two
+    saves then resumes from the epoch before and redoes this one). A full disk is a `UserError`; the
+    previous checkpoints stay whole."""
+    try:
+        if epoch is not None:
+            atomic_save(ckpt, epoch_path(ckpt_path, epoch))
+        atomic_save(ckpt, ckpt_path)
+    except OSError as e:
+        raise UserError(f"cannot write a checkpoint in {ckpt_path.parent} ({e.strerror or e}); the previous "
+                        "checkpoints are whole: free some space and run the same command to resume") from None
+
+
 def run_stage(
     name: str, ckpt_path: Path, state: dict, epochs: int, ds: ADDataset, batch_size: int,
     step_fn: Callable[[dict], torch.Tensor], args: argparse.Namespace, seed: int, logger: logging.Logger,
@@ -337,14 +391,15 @@ def run_stage(
     exact; with another number, dropout is reseeded per rank.
     """
     start_epoch, start_step, loss_sum = 0, 0, 0.0
-    if ckpt_path.exists():
-        with same_outcome():
-            ckpt = load_checkpoint(ckpt_path)
+    with same_outcome():
+        ckpt_file, ckpt = resume_checkpoint(ckpt_path, keep_each_epoch, logger)
+        if ckpt is not None:
             for key, obj in state.items():
                 if key.endswith("_scheduler") and key not in ckpt:
                     logger.info(f"{ckpt_path} has no {key} (written by the original code?): the lr schedule restarts")
                     continue
-                load_module_state(obj, ckpt, key, ckpt_path)
+                load_module_state(obj, ckpt, key, ckpt_file)
+    if ckpt is not None:
         start_epoch, start_step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
         loss_sum = float(ckpt.get("loss_sum", 0.0))
         if start_step:
@@ -355,7 +410,15 @@ def run_stage(
                 seed_everything(rank_seed(seed + start_epoch, rank()))
                 logger.info(f"{name}: {ckpt_path} was written by {len(states)} process(es), this run has "
                             f"{world_size()}: dropout is reseeded, the rest of the epoch is not bit-exact")
-        logger.info(f"{name}: loaded {ckpt_path} (epoch {start_epoch}, step {start_step})")
+        logger.info(f"{name}: loaded {ckpt_file} (epoch {start_epoch}, step {start_step})")
+        if keep_each_epoch and start_step == 0 and start_epoch > 0 and is_main():
+            # A run killed between an epoch's two saves (or written by an older version) lacks the
+            # per-epoch file of the epoch it resumes from; test.py would silently skip that epoch.
+            epoch_file = epoch_path(ckpt_path, start_epoch)
+            if not epoch_file.exists():
+                atomic_save(ckpt, epoch_file)
+                logger.info(f"{name}: wrote the missing {epoch_file.name} from {ckpt_file.name}")
+        barrier()
 
     def read_loss(step: int, loss_t: torch.Tensor, epoch: int, bar: tqdm) -> float:
         loss = float(loss_t)
@@ -363,7 +426,7 @@ def run_stage(
             raise UserError(f"{name}: loss is {loss} at epoch {epoch + 1} step {step}; stopped. The last good "
                             f"checkpoint {ckpt_path} is kept. Try a lower learning rate or --precision fp32",
                             all_ranks=True)
-        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # a refresh here would ignore the bar's interval
         return loss
 
     def save(epoch: int, step: int, total: float, keep: bool = False) -> None:
@@ -372,19 +435,17 @@ def run_stage(
             ckpt.update(step=step, loss_sum=total, rng=_rng_state())
             if world_size() > 1:
                 ckpt["rng_ranks"] = gather_objects(_rng_state())
-        if is_main():
-            atomic_save(ckpt, ckpt_path)
-            if keep:
-                atomic_save(ckpt, ckpt_path.with_name(f"{ckpt_path.stem}_{epoch}.pth"))
-        barrier()
+        with same_outcome():
+            if is_main():
+                save_checkpoint(ckpt, ckpt_path, epoch if keep else None)
 
     for epoch in range(start_epoch, epochs):
         if start_step == 0:
             seed_everything(rank_seed(seed + epoch, rank()))
         loader = make_loader(ds, batch_size, seed + epoch, args.num_workers, start_step)
         n_steps = start_step + len(loader)
-        bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{epochs}", initial=start_step, total=n_steps,
-                   leave=False, dynamic_ncols=True, disable=not is_main())
+        bar = progress(loader, f"{name} epoch {epoch + 1}/{epochs}", enabled=is_main(), initial=start_step,
+                       total=n_steps)
         pending: tuple[int, torch.Tensor] | None = None
         for step, batch in enumerate(bar, start=start_step + 1):
             loss_t = step_fn(batch)
@@ -408,21 +469,71 @@ def run_stage(
         start_step, loss_sum = 0, 0.0
 
 
-def check_save_path(args: argparse.Namespace, variant: Variant) -> None:
-    """Fails before anything is written when the save path cannot be written or holds another kind of run."""
+def check_save_path(args: argparse.Namespace) -> None:
+    """Fails before anything is written when the save path cannot be written."""
     path = Path(args.save_path)
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(f"cannot write to --save_path {path} ({existing} is {'not a folder' if not existing.is_dir() else 'read-only'}); "
-                        "choose another --save_path")
-    saved = path / "args.json"
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        config = dict(vars(args), variant=variant.name)
-        diff = [k for k in ARCH_KEYS + variant.model_keys if k in old and old[k] != config.get(k)]
-        if diff:
-            raise UserError(f"{path} holds a run with other settings ({', '.join(f'{k}={old[k]!r}' for k in diff)}); "
-                            "choose a new --save_path or the same flags")
+        why = "not a folder" if not existing.is_dir() else "read-only"
+        raise UserError(f"cannot write to --save_path {path} ({existing} is {why}); choose another --save_path")
+
+
+def run_config(args: argparse.Namespace, variant: Variant, device: torch.device) -> dict:
+    """What args.json records: every flag, the variant, the precision the run computes in, and the manifest
+    (code, packages, weight and metadata-list hashes)."""
+    lists = {f"{args.dataset}/{f.name}": f for f in [metadata_file(args, args.dataset, training_shot(args))]
+             if f.is_file()}
+    return dict(vars(args), variant=variant.name, precision=resolve_precision(args.precision, device),
+                manifest=manifest(args.pretrained, lists))
+
+
+def config_differences(saved: dict, config: dict, stage2_started: bool) -> list[str]:
+    """The settings of `config` that a rerun may not change from `saved` (args.json), one line each: any
+    flag but the operational ones, the weights by content, the training list by content; an epoch count
+    may grow (the run goes on), except Stage 1's once Stage 2 has trained on its anchors."""
+    diffs = []
+    old_manifest, new_manifest = saved.get("manifest"), config["manifest"]
+    for key, now in config.items():
+        if key in OPERATIONAL_KEYS or key in ("manifest", "starts") or key not in saved:
+            continue
+        before = saved[key]
+        if key == "pretrained" and old_manifest is not None:
+            a, b = old_manifest.get("weights_sha256"), new_manifest["weights_sha256"]
+            if (a, b) != (None, None):  # a weight file on either side: same bytes, wherever it lies now
+                if a != b:
+                    diffs.append(f"--pretrained: {before} (sha256 {str(a)[:12]}) then, {now} (sha256 {str(b)[:12]}) "
+                                 "now")
+                continue
+        if key in ("text_epoch", "image_epoch"):
+            if now < before:
+                diffs.append(f"--{key}: {before} then, {now} now; a run can only be extended (evaluate an earlier "
+                             "epoch with test.py --epoch)")
+            elif key == "text_epoch" and now > before and stage2_started:
+                diffs.append(f"--text_epoch: {before} then, {now} now; Stage 2 has trained on the anchors of "
+                             f"{before} Stage-1 epochs")
+            continue
+        if before != now:
+            diffs.append(f"--{key}: {before!r} then, {now!r} now")
+    old_lists = (old_manifest or {}).get("metadata_sha256", {})
+    for name, digest in new_manifest["metadata_sha256"].items():
+        if name in old_lists and old_lists[name] != digest:
+            diffs.append(f"{name}: its content changed since the run started (the training images differ)")
+    return diffs
+
+
+def check_rerun(save_dir: Path, config: dict) -> None:
+    """Refuses to continue a run in `save_dir` whose args.json differs from `config` in a setting that
+    changes results; the message lists each difference and the ways out."""
+    saved = read_saved_args(save_dir)
+    if not saved:
+        return
+    stage2_started = any(save_dir.glob("image_adapter*.pth"))
+    diffs = config_differences(saved, config, stage2_started)
+    if diffs:
+        raise UserError(f"{save_dir} holds a run with other settings:\n  " + "\n  ".join(diffs) + "\nTrain into a "
+                        f"new --save_path, or rerun with the saved values ({save_dir / 'args.json'}); only larger "
+                        "epoch counts and operational flags (--num_workers, --device, --checkpoint_every, "
+                        "--cache_dir, ...) may change")
 
 
 def check_distributed_args(args: argparse.Namespace) -> None:
@@ -442,7 +553,7 @@ def check_distributed_args(args: argparse.Namespace) -> None:
 @dataclass
 class Run:
     """A training run: its flags, variant, device, model (with the variant's fresh adapters), the prompts
-    of the training classes, save folder and logger."""
+    of the training classes, save folder, logger and the folder's lock."""
     args: argparse.Namespace
     variant: Variant
     device: torch.device
@@ -450,37 +561,92 @@ class Run:
     bank: PromptBank
     save_dir: Path
     logger: logging.Logger
+    lock: RunLock | None = None  # held by rank 0 for the run's lifetime; `with start_run(...) as run` releases it
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def start_run(args: argparse.Namespace, variant: Variant,
               build: Callable[[argparse.Namespace, Variant, torch.device], AdaptedCLIP] = build_model) -> Run:
-    """Validates everything (device, save path, weights, dataset) before writing anything, then creates the
-    save folder with `args.json` and `train.log`, and installs the SIGINT/SIGTERM handler. Under torchrun
-    every rank validates and builds the model; rank 0 alone writes."""
+    """Validates everything (flags, save path, earlier run's settings, weights, dataset) before writing
+    anything, then holds the save folder's lock for the run's lifetime, removes temporaries a killed
+    run left, writes `args.json` (settings and manifest) and opens `train.log`, and installs the
+    SIGINT/SIGTERM handler. Under torchrun every rank validates and builds the model; rank 0 alone locks
+    and writes."""
     device = init_distributed(args.device)
     save_dir = Path(args.save_path)
+    lock = RunLock(save_dir)
+    try:
+        return _start_run(args, variant, build, device, save_dir, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _start_run(args: argparse.Namespace, variant: Variant, build: Callable, device: torch.device, save_dir: Path,
+               lock: RunLock) -> Run:
     with same_outcome():
         if variant.needs_text_stage and args.text_epoch <= 0:
             raise UserError(f"--text_epoch {args.text_epoch} leaves the {variant.name} text modules untrained; "
                             "use train.py for a run without a text stage")
         check_distributed_args(args)
-        check_save_path(args, variant)
+        check_save_path(args)
+        if save_dir.is_dir() and is_main():
+            lock.acquire()
+        config = run_config(args, variant, device)
+        check_rerun(save_dir, config)
         seed_everything(args.seed)
         model = build(args, variant, device)
         bank = make_bank(args, device)
     with same_outcome():  # after every rank has read the old args.json
         if is_main():
-            ensure_writable_dir(save_dir)
-            (save_dir / "args.json").write_text(json.dumps(dict(vars(args), variant=variant.name), indent=2))
+            made = [d for d in [save_dir, *save_dir.parents] if not d.exists()]
+            try:
+                ensure_writable_dir(save_dir)
+                if lock.file is None:  # a new folder: another run may have made it meanwhile
+                    lock.acquire()
+                    check_rerun(save_dir, config)
+                lock.record_pid()
+                remove_stale_temporaries(save_dir)
+                write_args(save_dir, config)
+            except UserError:
+                if made and lock.file is not None:  # a failed first start leaves no folder behind
+                    lock.path.unlink(missing_ok=True)
+                    lock.release()
+                    for d in made:
+                        try:
+                            d.rmdir()
+                        except OSError:  # not empty: another run's files
+                            break
+                raise
         logger = setup_logger(save_dir, "train")
     if args.pretrained == "none":
         logger.info(RANDOM_WEIGHTS_BANNER)
     on = f"{world_size()} processes on {device.type} (torchrun)" if world_size() > 1 else str(device)
-    logger.info(f"{variant.name} training on {on} ({model.precision}): {vars(args)}")
+    logger.info(f"{variant.name} training on {on} ({model.precision}) into {save_dir}: {args.model} "
+                f"{args.image_size} px, {args.dataset} {describe_shot(args)}, {args.text_epoch} + {args.image_epoch} "
+                f"epochs, seed {args.seed}; every setting in {save_dir / 'args.json'}")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     STOP.install()
-    return Run(args, variant, device, model, bank, save_dir, logger)
+    return Run(args, variant, device, model, bank, save_dir, logger, lock if is_main() else None)
+
+
+def describe_shot(args: argparse.Namespace) -> str:
+    return "full-shot" if training_shot(args) is None else f"{args.shot}-shot"
+
+
+def write_args(save_dir: Path, config: dict) -> None:
+    """args.json, atomically; `starts` keeps when and with which code each (re)start ran."""
+    starts = read_saved_args(save_dir).get("starts", [])
+    start = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": config["manifest"]["code"],
+             "text_epoch": config["text_epoch"], "image_epoch": config["image_epoch"]}
+    write_output(json.dumps(dict(config, starts=[*starts, start]), indent=2), save_dir / "args.json", "--save_path")
 
 
 def train_text_adapter(run: Run) -> None:

@@ -7,12 +7,13 @@ import torch
 
 from forward_utils import AnchorFn, PromptBank, Variant, anchors_from_embeddings, class_anchor_fn
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention
+from utils.argtypes import positive_int, probability
 
 
 def get_vision_aware_text_embedding(
     model: AdaptedCLIPWithCrossAttention, bank: PromptBank, class_idx: torch.Tensor, context: torch.Tensor
 ) -> torch.Tensor:
-    """Per-image anchors: image b's class prompts attend to its context. Prompts and text block 1 are
+    """Per-image anchors: image b's class prompts attend to its context. Prompts and text layer 0 are
     computed once per distinct class. class_idx: [B], context: [B, N, D] -> [B, D, 2]."""
     unique, rows = class_idx.unique(return_inverse=True)
     emb = model.encode_text_with_context(bank.tokens[unique], rows, context)
@@ -22,18 +23,18 @@ def get_vision_aware_text_embedding(
 def cross_attention_anchor_fn(model: AdaptedCLIPWithCrossAttention, bank: PromptBank,
                               text_context: str = "image") -> AnchorFn:
     """`image`: anchors from each image's own context — reusing Stage-1 features when the step already
-    computed them (their first level is the context); `none`: cross-attention bypassed (ablation)."""
+    computed them; `none`: cross-attention bypassed (ablation)."""
     if text_context == "none":
         return class_anchor_fn(model, bank, adapt=True)
 
     def anchors(images, class_idx, stage1_feats=None):
-        context = stage1_feats[0] if stage1_feats is not None else model.image_context(images)
+        context = model.image_context(images, stage1_feats)
         return get_vision_aware_text_embedding(model, bank, class_idx, context)
     return anchors
 
 
 class CrossAttentionVariant(Variant):
-    """Text tokens attend to the image's first-level Stage-1 patch features after text block 1; Stage 1
+    """Text tokens attend to the image's Stage-1 patch features (`image_context`) after text layer 0; Stage 1
     trains `text_adapter` and `text_cross_attn` together."""
 
     name = "cross_attention"
@@ -46,8 +47,9 @@ class CrossAttentionVariant(Variant):
 
     def add_train_args(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("cross-attention")
-        g.add_argument("--cross_attn_heads", type=int, default=8, help="cross-attention heads (default: %(default)s)")
-        g.add_argument("--cross_attn_dropout", type=float, default=0.1,
+        g.add_argument("--cross_attn_heads", type=positive_int, default=8,
+                       help="cross-attention heads (default: %(default)s)")
+        g.add_argument("--cross_attn_dropout", type=probability, default=0.1,
                        help="attention dropout (default: %(default)s)")
         g.add_argument("--init_text_adapter", default=None,
                        help="start Stage 1 from a trained baseline text_adapter.pth (only the new module starts "

@@ -6,8 +6,10 @@
 
 Each (variant, seed) is one run in <out>/<variant>_seed<seed>: training (train.py or
 train_cross_attention.py with --dataset, --seed, --save_path and the flags after `--`), then test.py on
-each test dataset. Runs go one per GPU (CUDA_VISIBLE_DEVICES), as many at once as there are GPUs; without
-a GPU they run one after another on the CPU (--device cpu). Each job logs to <out>/logs/<job>.log.
+each test dataset, with the training's --metadata_dir, --num_workers and --cache_dir (and its --data_root
+when testing on the training set); --test_flags adds to them or overrides them. Runs go one per GPU
+(CUDA_VISIBLE_DEVICES), as many at once as there are GPUs; without a GPU they run on the CPU (--device
+cpu), --cpu_jobs at once. Each job logs to <out>/logs/<job>.log.
 
 A job whose output exists is skipped: training when image_adapter_<image_epoch>.pth exists, an evaluation
 when its results JSON exists (delete them to redo one). A stopped sweep (Ctrl-C, SIGTERM) lets its
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from cli import add_variant_test_args, cli_main, get_test_parser, get_train_parser, test_flags
+from utils.argtypes import positive_int
 from utils.errors import UserError
 from variants import VARIANTS
 
@@ -75,9 +78,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="folder of the runs, logs and comparisons (default: %(default)s)")
     p.add_argument("--gpus", nargs="+", default=None,
                    help="GPU ids to use, one job at a time on each (default: every visible GPU; none: the CPU)")
+    p.add_argument("--cpu_jobs", type=positive_int, default=1,
+                   help="without a GPU: runs at once on the CPU, each job with OMP_NUM_THREADS = cores / this "
+                        "unless set (default: %(default)s)")
     p.add_argument("--test_flags", default="",
                    help='extra test.py flags for every evaluation, one string: '
-                        '--test_flags="--batch_size 16 --visualize"')
+                        '--test_flags="--batch_size 16 --visualize" (default: none)')
     p.add_argument("--dry_run", action="store_true",
                    help="list the jobs, done or to do, and their commands; run nothing")
     return p
@@ -115,6 +121,21 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+def shared_data_flags(train_flags: list[str], parser: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """The data flags of the training that its evaluations need too: "all" (--metadata_dir, --num_workers,
+    --cache_dir, as given) for every test job, "root" (--data_root) only for a test on the training set, as a
+    root is one dataset's folder. Flags in --test_flags come later on the command line and win."""
+    given = check_flags(train_flags, parser, "train", [])
+    flags = {"all": [], "root": []}
+    for dest in ("metadata_dir", "num_workers", "cache_dir"):
+        value = getattr(given, dest)
+        if value != parser.get_default(dest):
+            flags["all"] += [f"--{dest}", str(value)]
+    if given.data_root is not None:
+        flags["root"] = ["--data_root", given.data_root]
+    return flags
+
+
 def build_runs(args: argparse.Namespace, train_flags: list[str], test_flags: list[str], test_args: argparse.Namespace,
                cpu: bool) -> list[Run]:
     """Every (seed, variant) run with its jobs; on the CPU the scripts get --device cpu (a later --device in
@@ -126,6 +147,7 @@ def build_runs(args: argparse.Namespace, train_flags: list[str], test_flags: lis
               for v in args.variants}
     if min(epochs.values()) < 1:
         raise UserError("--image_epoch 0 trains no image adapter: nothing to evaluate")
+    shared = shared_data_flags(train_flags, get_train_parser(variants[args.variants[0]], ""))
     runs = []
     for seed in args.seeds:
         for variant in args.variants:
@@ -142,7 +164,8 @@ def build_runs(args: argparse.Namespace, train_flags: list[str], test_flags: lis
             for dataset in args.test_datasets:
                 jobs.append(Job(f"{name} test {dataset}",
                                 [sys.executable, str(REPO / "test.py"), "--save_path", str(save), "--dataset", dataset,
-                                 *device, *test_flags],
+                                 *device, *shared["all"], *(shared["root"] if dataset == args.train_dataset else []),
+                                 *test_flags],
                                 save / "results" / f"{dataset}_epoch{last}{suffix}.json",
                                 logs / f"{name}_test_{dataset}.log"))
             runs.append(Run(name, jobs))
@@ -153,8 +176,9 @@ class Runner:
     """Runs each `Run`'s jobs in order on one GPU slot, the slots in parallel; stops starting jobs after
     SIGINT/SIGTERM (which the running jobs also get: trainings save and stop)."""
 
-    def __init__(self, slots: list[str | None]):
+    def __init__(self, slots: list[str | None], cpu_threads: int | None = None):
         self.slots = slots
+        self.cpu_threads = cpu_threads
         self.outcome = Outcome()
         self.stopping = threading.Event()
         self.signum = 0
@@ -207,6 +231,8 @@ class Runner:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot
+        elif self.cpu_threads:
+            env.setdefault("OMP_NUM_THREADS", str(self.cpu_threads))
         job.log.parent.mkdir(parents=True, exist_ok=True)
         print(f"start {job.name} on {'cpu' if slot is None else f'gpu {slot}'}, log {job.log}", flush=True)
         t0 = time.perf_counter()
@@ -261,7 +287,8 @@ def main() -> None:
             print(f"{'done' if job.output.exists() else 'todo'} {job.name}: {shlex.join(job.cmd)}")
         return
     print(f"sweep: {len(runs)} runs on {', '.join(f'gpu {g}' for g in gpus) if gpus else 'the cpu'}", flush=True)
-    runner = Runner(gpus or [None])
+    runner = (Runner(gpus) if gpus else
+              Runner([None] * args.cpu_jobs, cpu_threads=max(1, (os.cpu_count() or 1) // args.cpu_jobs)))
     outcome = runner.run_all(runs)
     print(f"sweep: {len(outcome.ran)} jobs ran, {len(outcome.skipped)} skipped (done before), "
           f"{len(outcome.failed)} failed", flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import time
@@ -20,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from cli import (RANDOM_WEIGHTS_BANNER, cli_main, epoch_checkpoints, get_test_parser, load_dataset, load_image_adapter,
-                 load_model, parse_run_args)
+                 load_model, metadata_file, parse_run_args)
 from dataset import ADDataset, get_dataset_info
 from engine import ImageForwardFn, fast_image_forward
 from forward_utils import AnchorFn, PromptBank, anomaly_map, image_logits
@@ -31,7 +31,9 @@ from metrics import METRIC_NAMES, NonFiniteError, mean_metrics, metrics_eval
 from model import AdaptedCLIP, get_tokenizer
 from utils.distributed import gather_rows, init_distributed, is_main, rank, same_outcome, shard, world_size
 from utils.errors import UserError
-from utils.io import ensure_writable_dir, setup_logger
+from utils.io import OutputFolder, ensure_writable_dir, remove_stale_temporaries, setup_logger, staged_dir
+from utils.progress import progress
+from utils.provenance import manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +47,7 @@ def predict(model: AdaptedCLIP, forward: ImageForwardFn, loader: DataLoader, anc
     """Anomaly maps [N, S, S], image scores `(s + 1) / 2` [N] and ground-truth masks [N, S, S] (bool) of
     every image, in loader order; `forward` is the model's image forward (`fast_image_forward`)."""
     maps, scores, masks = [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):
+    for batch in progress(loader, desc, enabled=is_main()):
         images = batch["image"].to(device, non_blocking=True)
         class_idx = batch["class_idx"].to(device, non_blocking=True)  # rows of `bank`, built from ds.class_names
         with model.autocast():
@@ -100,42 +102,42 @@ def format_table(results: dict[str, dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def save_results(results: dict[str, dict], out: Path, meta: dict) -> None:
-    """`<out>.csv` (one row per class plus mean) and `<out>.json` (with the run's metadata)."""
+def save_results(results: dict[str, dict], folder: OutputFolder, name: str, meta: dict) -> None:
+    """`<name>.csv` (one row per class plus mean) and `<name>.json` (with the run's metadata)."""
     rows = {**results, "mean": mean_metrics(results)}
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", *METRIC_NAMES])
-        for name, m in rows.items():
-            w.writerow([name, *("n/a" if m[k] is None else f"{m[k]:.4f}" for k in METRIC_NAMES)])
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "per_class": results, "mean": rows["mean"]},
-                                                   indent=2))
+    table = [["class", *METRIC_NAMES]]
+    table += [[cls, *("n/a" if m[k] is None else f"{m[k]:.4f}" for k in METRIC_NAMES)] for cls, m in rows.items()]
+    folder.write(f"{name}.csv", csv_text(table))
+    folder.write(f"{name}.json", json.dumps({"meta": meta, "per_class": results, "mean": rows["mean"]}, indent=2))
 
 
-def save_image_scores(ds: ADDataset, maps: torch.Tensor, scores: torch.Tensor, path: Path) -> None:
-    """Per-image raw outputs (before the per-class min-max normalisation): image score `(s + 1) / 2` and
-    the anomaly map's maximum."""
+def csv_text(rows: list[list]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
+
+
+def save_image_scores(ds: ADDataset, maps: torch.Tensor, scores: torch.Tensor, folder: OutputFolder,
+                      name: str) -> None:
+    """`<name>_images.csv`: per-image raw outputs (before the per-class min-max normalisation): image
+    score `(s + 1) / 2` and the anomaly map's maximum."""
     peaks = maps.flatten(1).amax(dim=1).cpu().tolist()
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image_path", "class_name", "label", "image_score", "map_max"])
-        for sample, score, peak in zip(ds.samples, scores.cpu().tolist(), peaks):
-            w.writerow([sample["image_path"], sample["class_name"], sample["label"], f"{score:.6f}", f"{peak:.6f}"])
+    rows = [["image_path", "class_name", "label", "image_score", "map_max"]]
+    rows += [[sample["image_path"], sample["class_name"], sample["label"], f"{score:.6f}", f"{peak:.6f}"]
+             for sample, score, peak in zip(ds.samples, scores.cpu().tolist(), peaks)]
+    folder.write(f"{name}_images.csv", csv_text(rows))
 
 
-def visualize(ds: ADDataset, maps: torch.Tensor, out_dir: Path) -> None:
-    """image | ground truth | anomaly map panels, one PNG per test image."""
+def visualize(ds: ADDataset, maps: torch.Tensor, folder: OutputFolder, name: str) -> None:
+    """`vis/<name>/<class>/<image>.png`: image | ground truth | anomaly map panels, one per test image."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from dataset import denormalize
 
-    for i, sample in enumerate(tqdm(ds.samples, desc="visualize", leave=False)):
+    for i, sample in enumerate(progress(ds.samples, "visualize")):
         item = ds[i]
-        path = out_dir / sample["class_name"] / (Path(sample["image_path"]).with_suffix("").as_posix()
-                                                 .replace("/", "_") + ".png")
-        path.parent.mkdir(parents=True, exist_ok=True)
         fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
         panels = [(denormalize(item["image"]), "image", None), (item["mask"][0].numpy(), "ground truth", "gray"),
                   (maps[i].float().cpu().numpy(), "anomaly map", "jet")]
@@ -145,8 +147,11 @@ def visualize(ds: ADDataset, maps: torch.Tensor, out_dir: Path) -> None:
             ax.axis("off")
         fig.suptitle(f"{sample['class_name']} label={sample['label']}")
         fig.tight_layout()
-        fig.savefig(path, dpi=80)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=80)
         plt.close(fig)
+        image = Path(sample["image_path"]).with_suffix("").as_posix().replace("/", "_")
+        folder.write(Path("vis") / name / sample["class_name"] / f"{image}.png", png.getvalue())
 
 
 @cli_main
@@ -179,6 +184,7 @@ def main() -> None:
         anchor_fn = args.variant.anchor_fn(model, bank, args, "test", text_trained)
         if is_main():
             ensure_writable_dir(results_dir, "--results_dir")
+            remove_stale_temporaries(results_dir)
         logger = setup_logger(results_dir, "test")
     banner = RANDOM_WEIGHTS_BANNER if args.pretrained == "none" else ""
     if banner:
@@ -186,6 +192,8 @@ def main() -> None:
     loader, counts = shard_loader(ds, args.batch_size, args.num_workers, device)
     suffix = args.variant.result_suffix(args)
     forward = fast_image_forward(model, args.compile)
+    test_list = metadata_file(args, args.dataset, None)
+    inputs = manifest(args.pretrained, {f"{args.dataset}/{test_list.name}": test_list}, args.weights_sha256)
     for epoch, path in chosen:
         load_image_adapter(model, path)
         t0 = time.perf_counter()
@@ -205,15 +213,18 @@ def main() -> None:
         title = (f"{args.dataset} | {args.variant.name}{suffix} | {path.name} | {args.model} pretrained={args.pretrained}"
                  + (f"\n{banner}" if banner else ""))
         logger.info("\n" + format_table(results, title))
-        out = results_dir / f"{args.dataset}_epoch{epoch}{suffix}"
-        save_results(results, out, {"dataset": args.dataset, "epoch": epoch, "checkpoint": str(path),
-                                    "variant": args.variant.name + suffix, "model": args.model,
-                                    "pretrained": args.pretrained, "random_weights": bool(banner),
-                                    "precision": model.precision, "image_size": args.image_size})
-        save_image_scores(ds, maps, scores, out.with_name(out.name + "_images.csv"))
-        logger.info(f"saved {out}.csv, {out}.json and {out}_images.csv")
-        if args.visualize:
-            visualize(ds, maps, results_dir / "vis" / f"{args.dataset}_epoch{epoch}{suffix}")
+        name = f"{args.dataset}_epoch{epoch}{suffix}"
+        meta = {"dataset": args.dataset, "epoch": epoch, "checkpoint": str(path), "variant": args.variant.name + suffix,
+                "model": args.model, "pretrained": args.pretrained, "random_weights": bool(banner),
+                "precision": model.precision, "image_size": args.image_size, "manifest": inputs,
+                "training_manifest": args.training_manifest}
+        with staged_dir(results_dir, "--results_dir") as stage:  # an epoch's outputs appear all at once, or none
+            folder = OutputFolder(stage, results_dir, "--results_dir")
+            save_results(results, folder, name, meta)
+            save_image_scores(ds, maps, scores, folder, name)
+            if args.visualize:
+                visualize(ds, maps, folder, name)
+        logger.info(f"saved {results_dir / name}.csv, .json and _images.csv" + (", vis/" if args.visualize else ""))
 
 
 if __name__ == "__main__":

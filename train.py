@@ -32,10 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_main
 def main() -> None:
     args = parse_args()
-    run = start_run(args, get_variant(args.variant))
-    train_text_adapter(run)
-    train_image_adapter(run)
-    run.logger.info(f"done: checkpoints in {run.save_dir}")
+    with start_run(args, get_variant(args.variant)) as run:
+        train_text_adapter(run)
+        train_image_adapter(run)
+        run.logger.info(f"done: checkpoints in {run.save_dir}")
 
 
 if __name__ == "__main__":

@@ -46,11 +46,11 @@ def sanity_check(model: AdaptedCLIPWithCrossAttention, bank: PromptBank, args: a
     with model.autocast():
         with torch.no_grad():
             feats, _ = model.stage1_features(images)
-            context = feats[0]
+            context = model.image_context(images, feats)
             alone = model.image_context(images)
         check(tuple(context.shape) == (b, n, d), f"context shape {tuple(context.shape)} == {(b, n, d)}")
         check(torch.allclose(context.float(), alone.float(), atol=1e-4),
-              f"context equals the level-{model.levels[0]} Stage-1 features computed alone")
+              f"context equals the level-{model.levels[model.context_level]} Stage-1 features computed alone")
         x, _ = model.text_after_first_block(bank.tokens[class_idx[:1]])
         out = model.text_cross_attn(x.flatten(1, 2), context[:1])
         check(tuple(out.shape) == tuple(x.flatten(1, 2).shape),
@@ -89,15 +89,15 @@ def build_with_init(args: argparse.Namespace, variant: Variant, device: torch.de
 def main() -> None:
     variant = get_variant("cross_attention")
     args = get_train_parser(variant, __doc__).parse_args()
-    run = start_run(args, variant, build_with_init)
-    if args.sanity_check:
-        with same_outcome():  # every rank checks the same batch: all pass or all stop
-            report = sanity_check(run.model, run.bank, args, run.device)
-        for line in report:
-            run.logger.info(f"sanity check {line}")
-    train_text_adapter(run)
-    train_image_adapter(run)
-    run.logger.info(f"done: checkpoints in {run.save_dir}")
+    with start_run(args, variant, build_with_init) as run:
+        if args.sanity_check:
+            with same_outcome():  # every rank checks the same batch: all pass or all stop
+                report = sanity_check(run.model, run.bank, args, run.device)
+            for line in report:
+                run.logger.info(f"sanity check {line}")
+        train_text_adapter(run)
+        train_image_adapter(run)
+        run.logger.info(f"done: checkpoints in {run.save_dir}")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ def read_saved_args(save_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e}); restore it from the training run, or delete it to evaluate "
-                        "with the command line's flags") from None
+        raise UserError(f"cannot read {path} ({e}); restore it from the training run, or delete it (evaluation "
+                        "then takes the command line's flags, a training starts its settings anew)") from None
 
 
 def variant_of_run(save_dir: Path, saved: dict) -> Variant:

@@ -23,17 +23,20 @@ from pathlib import Path
 from typing import NamedTuple
 
 from PIL import Image
-from tqdm import tqdm
 
-from .common import RECORD_FORMAT, DatasetError, get_dataset_info, parse_record
+from utils.argtypes import positive_int
+from utils.progress import progress
+
+from .common import RECORD_FORMAT, DatasetError, parse_record, resolve_root
 
 SHOT_LIST = re.compile(r"(\d+)-shot\.jsonl")
 MAKE_HINT = "`python -m dataset.make_metadata --dataset NAME --root DIR`"
 # Report groups, in report order, each with the fix of its problems.
 FIXES = {
     "missing list": f"build the lists with {MAKE_HINT} [--shots K], or pass the right --metadata_dir / --shot",
-    "data root": "pass --data_root, the folder the list paths are relative to (default: the dataset's "
-                 "default_root in dataset/constants.json)",
+    "data root": "pass --data_root, the folder the list paths are relative to (default: the root make_metadata "
+                 "recorded in <metadata_dir>/<dataset>/root.json, else the dataset's default_root in "
+                 "dataset/constants.json)",
     "metadata": f"{RECORD_FORMAT}: fix or delete bad lines, or (re)build the lists with {MAKE_HINT} [--shots K]",
     "missing file": "check --data_root (list paths are relative to it) and restore the file, or rebuild with "
                     f"{MAKE_HINT}",
@@ -116,7 +119,7 @@ def _size(path: Path, role: str, where: str, decode: bool, problems: list[Proble
 def _file_problems(root: Path, rows: list[tuple[str, dict]], decode: bool) -> list[Problem]:
     has_masks = any(r["mask_path"] for _, r in rows)
     problems: list[Problem] = []
-    for where, r in tqdm(rows, desc="checking files", leave=False, disable=None):
+    for where, r in progress(rows, "checking files"):
         image = _size(root / r["image_path"], "image", where, decode, problems)
         if r["mask_path"]:
             mask = _size(root / r["mask_path"], "mask", where, decode, problems)
@@ -213,22 +216,31 @@ def check_all(root: str | Path, metadata_dir: str | Path, dataset: str, shot: in
     return lists, problems
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="name of the metadata folder, e.g. MVTec, VisA")
     parser.add_argument("--data_root", default=None,
-                        help="folder the list paths are relative to (default: the dataset's default root)")
+                        help="folder the list paths are relative to (default: the root make_metadata recorded in "
+                             "<metadata_dir>/<dataset>/root.json, else the dataset's default root)")
     parser.add_argument("--metadata_dir", default="dataset/metadata",
                         help="folder holding <dataset>/full-shot.jsonl and <k>-shot.jsonl (default: %(default)s)")
-    parser.add_argument("--shot", type=int, default=None,
+    parser.add_argument("--shot", type=positive_int, default=None,
                         help="check <shot>-shot.jsonl, which must exist (default: every k-shot list found)")
     parser.add_argument("--classes", nargs="+", default=(),
                         help="classes that must have samples in every checked list (default: no requirement)")
     parser.add_argument("--decode", action="store_true",
                         help="decode every image and mask fully (slow; finds truncated files) instead of "
                              "reading headers only")
-    args = parser.parse_args(argv)
-    root = args.data_root or get_dataset_info(args.dataset)["default_root"]
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        root = resolve_root(args.data_root, args.metadata_dir, args.dataset)
+    except DatasetError as e:  # a recorded root that is gone, or an unreadable root.json
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     lists, problems = check_all(root, args.metadata_dir, args.dataset, args.shot, args.classes, args.decode)
     names = ", ".join(p.name for p in lists)
     errors = [p for p in problems if not p.is_note]

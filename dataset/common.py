@@ -1,7 +1,10 @@
-"""Dataset constants (domains, default roots, class real names, prompts), the metadata line format and
-the package's error type (all torch-free, for the command-line tools)."""
+"""Dataset constants (domains, default roots, class real names, prompts), the metadata line format, the
+dataset root recorded beside the lists and the package's error type (all torch-free, for the command-line
+tools)."""
 import copy
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from utils.errors import UserError
@@ -51,6 +54,73 @@ def get_dataset_info(name: str) -> dict:
     if info is None:
         return {"domain": "Industrial", "default_root": f"./data/{name}", "classes": {}}
     return copy.deepcopy(info)
+
+
+# Beside a dataset's lists, make_metadata records the folder it read them from: {"root": "<absolute path>"}.
+ROOT_FILE = "root.json"
+
+
+def root_file(metadata_dir: str | Path, dataset: str) -> Path:
+    """Where the root of the lists in <metadata_dir>/<dataset>/ is recorded."""
+    return Path(metadata_dir) / dataset / ROOT_FILE
+
+
+def record_root(metadata_dir: str | Path, dataset: str, root: str | Path) -> Path:
+    """Record `root` beside the dataset's lists and return the file's path. The path is made absolute so
+    that commands run from any folder find it; a temporary file renamed over the old one means a reader
+    (a training started meanwhile) never sees half a file."""
+    path = root_file(metadata_dir, dataset)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{ROOT_FILE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"root": os.path.abspath(root)}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _rebuild_hint(metadata_dir: str | Path, dataset: str) -> str:
+    return f"`python -m dataset.make_metadata --dataset {dataset} --root DIR --out_dir {metadata_dir}`"
+
+
+def recorded_root(metadata_dir: str | Path, dataset: str) -> str | None:
+    """The root make_metadata recorded for the lists in <metadata_dir>/<dataset>/; None when none was
+    (lists made by hand, or by an older make_metadata)."""
+    path = root_file(metadata_dir, dataset)
+    fix = f"delete it, or rebuild the lists with {_rebuild_hint(metadata_dir, dataset)}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {path} ({e}); {fix}") from None
+    try:
+        root = json.loads(text)["root"]
+    except (json.JSONDecodeError, TypeError, KeyError):  # not JSON, not an object, or no "root" key
+        root = None
+    if not isinstance(root, str) or not root:
+        raise DatasetError(f'{path}: expected {{"root": "DIR"}}, as make_metadata writes it; {fix}')
+    return root
+
+
+def resolve_root(data_root: str | None, metadata_dir: str | Path, dataset: str) -> str:
+    """The dataset root: `data_root` when given, else the root recorded beside the lists (`record_root`),
+    else the dataset's default root. A recorded root that is gone raises DatasetError naming the file:
+    falling back to the default root instead would hide why the data moved, or read another copy of it."""
+    if data_root:
+        return data_root
+    recorded = recorded_root(metadata_dir, dataset)
+    if recorded is None:
+        return get_dataset_info(dataset)["default_root"]
+    if not os.path.isdir(recorded):
+        raise DatasetError(f"dataset root not found: {recorded} (recorded in {root_file(metadata_dir, dataset)} "
+                           "when the lists were built); pass the dataset folder with --data_root (--root for "
+                           f"make_metadata), or record its new place with {_rebuild_hint(metadata_dir, dataset)}")
+    return recorded
 
 
 def get_real_name(dataset: str, class_name: str) -> str:

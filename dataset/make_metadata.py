@@ -1,7 +1,12 @@
-"""Build <out_dir>/<NAME>/full-shot.jsonl (every test-split sample) and <k>-shot.jsonl lists from a dataset folder.
+"""Build <out_dir>/<NAME>/full-shot.jsonl (every test-split sample) and <k>-shot.jsonl lists from a dataset
+folder, and record the folder in <out_dir>/<NAME>/root.json: train.py, test.py, ... then find it without
+--data_root.
 
     python -m dataset.make_metadata --dataset MVTec --root ./data/mvtec_ad [--layout auto] [--shots 8 16 32]
-    python -m dataset.make_metadata --dataset Colon_Kvasir      # root: the constants' default root
+    python -m dataset.make_metadata --dataset Colon_Kvasir      # root: the recorded one, else the default
+
+A shot count larger than the smallest class is skipped with a warning that names the class; the other
+lists are still written (exit code 0).
 
 Layouts (--layout auto detects them in this order):
   visa        split_csv/1cls.csv with columns object, split, label, image, mask
@@ -18,13 +23,16 @@ constants' class of the dataset (Colon_Kvasir -> Kvasir), or the dataset name wh
 import argparse
 import csv
 import json
+import os
 import random
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from .common import DatasetError, get_dataset_info
+from utils.errors import UserError
+
+from .common import DatasetError, get_dataset_info, record_root, resolve_root, root_file
 
 LAYOUTS = ("auto", "mvtec", "visa", "btad", "mvtec_like", "medad", "colon")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -36,6 +44,9 @@ MEDAD_LABELS = {"good": 0, "Ungood": 1}  # folder under test/ -> label
 # What a medical layout's folders must look like, for the error messages.
 MEDICAL_TREES = {"medad": "test/good/img/<image>, test/Ungood/img/<image> and masks test/Ungood/label/<image>",
                  "colon": "images/<image> and masks masks/<image>"}
+# What --layout auto looks for, for the message when nothing matches.
+KNOWN_LAYOUTS = ("visa (split_csv/1cls.csv), medad (test/good/img/ or test/Ungood/img/), btad (<class>/test/ok/ "
+                 "and ko/), colon (images/ holding images), mvtec_like (<class>/test/<defect or good>/)")
 
 
 def record(image_path: str, mask_path: str, label: int, class_name: str) -> dict:
@@ -66,6 +77,29 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
+def _class_dirs(root: Path) -> list[Path]:
+    """The class folders of an MVTec-like or BTAD tree: those with a test/ folder."""
+    return [d for d in _subdirs(root) if (d / "test").is_dir()]
+
+
+def _root_fix(root: Path, fix: str) -> str:
+    """`fix`, unless `root` is one class folder (the commonest wrong --root of an MVTec-like set)."""
+    if (root / "test").is_dir():
+        return f"{root} holds test/ itself, as one class folder does: pass the folder above it as --root"
+    return fix
+
+
+def _check_root(root: Path) -> None:
+    """Clear errors for a --root that is missing, a file, or empty (hidden files do not count)."""
+    if root.is_file():
+        raise DatasetError(f"dataset root {root} is a file, not a folder; pass the dataset's folder as --root")
+    if not root.is_dir():
+        raise DatasetError(f"dataset root not found: {root}; download/extract the dataset there or pass --root DIR")
+    if all(p.name.startswith(".") for p in root.iterdir()):
+        raise DatasetError(f"dataset root {root} is empty (no classes found); download/extract the dataset there "
+                           "or pass the right --root")
+
+
 def _mask_candidates(gt_dir: Path, image: Path, layout: str) -> list[Path]:
     if layout == "mvtec":
         return [gt_dir / f"{image.stem}_mask.png"]
@@ -92,11 +126,11 @@ def _collect_folders(root: Path, layout: str) -> tuple[list[dict], dict[str, lis
     mask paths that were tried (for the error message).
     """
     normal = ("ok",) if layout == "btad" else ("good",)
-    classes = [d for d in _subdirs(root) if (d / "test").is_dir()]
+    classes = _class_dirs(root)
     if not classes:
         raise DatasetError(f"no classes found under {root} for layout {layout}: expected "
                            f"<class>/test/<{'ok|ko' if layout == 'btad' else 'defect or good'}>/<image> folders; "
-                           "check --root and --layout")
+                           f"{_root_fix(root, 'check --root and --layout')}")
     records, tried = [], {}
     for cls in classes:
         n_before = len(records)
@@ -203,12 +237,15 @@ def collect_samples(root: str, layout: str = "auto", dataset: str | None = None)
     """All test-split samples under `root`, sorted by (class_name, image_path). The one-class medical
     layouts name their class after `dataset` (see `medical_class_name`), by default the root's folder name."""
     root_path = Path(root)
-    if not root_path.is_dir():
-        raise DatasetError(f"dataset root not found: {root}; download/extract the dataset there or pass --root DIR")
+    _check_root(root_path)
     if layout not in LAYOUTS:
         raise DatasetError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if layout == "auto":
         layout = detect_layout(root_path)
+        # mvtec_like is what detection falls back to, not a match: without class folders nothing matched.
+        if layout == "mvtec_like" and not _class_dirs(root_path):
+            raise DatasetError(f"no classes found under {root_path}: it matches none of the layouts "
+                               f"{KNOWN_LAYOUTS}; {_root_fix(root_path, 'check --root, or pass --layout')}")
     if layout == "visa":
         if not (root_path / VISA_CSV).is_file():
             raise DatasetError(f"{root_path / VISA_CSV} not found; a VisA root contains split_csv/1cls.csv")
@@ -221,17 +258,30 @@ def collect_samples(root: str, layout: str = "auto", dataset: str | None = None)
     return sorted(records, key=lambda r: (r["class_name"], r["image_path"]))
 
 
+def shot_shortfall(samples: list[dict], k: int) -> str | None:
+    """Why no k-shot list can be drawn from `samples`, naming the smallest class (the first by name among
+    equals); None when every class has at least k samples."""
+    counts = Counter(s["class_name"] for s in samples)
+    small = sorted((n, cls) for cls, n in counts.items() if n < k)
+    if not small:
+        return None
+    n, cls = small[0]
+    others = len(small) - 1
+    more = "" if not others else ", as has 1 other class" if others == 1 else f", as have {others} other classes"
+    return f"class {cls!r} has only {n} test images, fewer than {k}{more}; at most {n} shots fit every class"
+
+
 def k_shot(samples: list[dict], k: int, seed: int = DEFAULT_SEED) -> list[dict]:
     """k samples per class drawn with random.Random(seed), classes in sorted order, output sorted."""
     if k < 1:
         raise DatasetError(f"shot count must be >= 1, got {k}")
+    shortfall = shot_shortfall(samples, k)
+    if shortfall:
+        raise DatasetError(f"{shortfall}; drop that shot count from --shots")
     rng = random.Random(seed)
     chosen = []
     for cls in sorted({s["class_name"] for s in samples}):
         pool = [s for s in samples if s["class_name"] == cls]
-        if len(pool) < k:
-            raise DatasetError(f"class {cls!r} has only {len(pool)} test samples, fewer than {k}; "
-                               "drop that shot count from --shots")
         chosen += sorted(rng.sample(pool, k), key=lambda s: s["image_path"])
     return chosen
 
@@ -242,18 +292,29 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def build_metadata(dataset: str, root: str, layout: str = "auto", out_dir: str = "dataset/metadata",
-                   shots: Sequence[int] = DEFAULT_SHOTS, seed: int = DEFAULT_SEED) -> dict[Path, list[dict]]:
-    """Write full-shot.jsonl and <k>-shot.jsonl under <out_dir>/<dataset>/; returns {path: records}."""
-    full = collect_samples(root, layout, dataset)
+def write_lists(dataset: str, root: str, full: list[dict], out_dir: str, shots: Sequence[int],
+                seed: int = DEFAULT_SEED) -> dict[Path, list[dict]]:
+    """Write full-shot.jsonl and <k>-shot.jsonl (drawn from `full`) under <out_dir>/<dataset>/ and record
+    `root` beside them; returns {path: records}."""
     # Draw every k-shot list before writing anything so a failing k leaves no partial output.
     lists = {"full-shot.jsonl": full} | {f"{k}-shot.jsonl": k_shot(full, k, seed) for k in shots}
+    folder = Path(out_dir) / dataset
     written = {}
-    for name, records in lists.items():
-        path = Path(out_dir) / dataset / name
-        write_jsonl(path, records)
-        written[path] = records
+    try:
+        for name, records in lists.items():
+            write_jsonl(folder / name, records)
+            written[folder / name] = records
+        record_root(out_dir, dataset, root)  # last, so that it is only recorded with complete lists
+    except OSError as e:
+        raise DatasetError(f"cannot write the lists to {folder} ({e.strerror or e}); choose a writable output "
+                           "folder") from None
     return written
+
+
+def build_metadata(dataset: str, root: str, layout: str = "auto", out_dir: str = "dataset/metadata",
+                   shots: Sequence[int] = DEFAULT_SHOTS, seed: int = DEFAULT_SEED) -> dict[Path, list[dict]]:
+    """`write_lists` of the samples under `root`; every shot count must fit every class."""
+    return write_lists(dataset, root, collect_samples(root, layout, dataset), out_dir, shots, seed)
 
 
 def summarize(samples: list[dict]) -> str:
@@ -275,20 +336,82 @@ def report(written: dict[Path, list[dict]]) -> None:
         print(f"wrote {path} ({len(records)} samples)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _dataset_name(text: str) -> str:
+    """argparse type of --dataset: it names a folder inside --out_dir, so it must not be a path."""
+    if text in ("", ".", "..") or "/" in text or os.sep in text:
+        raise argparse.ArgumentTypeError(f"expected a folder name such as MVTec, got {text!r}")
+    return text
+
+
+def _shot_count(text: str) -> int:
+    """argparse type of --shots: a whole number >= 1."""
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"shot counts are whole numbers >= 1, got {text!r}")
+    return k
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, help="name of the metadata folder, e.g. MVTec, VisA")
-    parser.add_argument("--root", help="dataset folder (default: the constants' default root)")
+    parser.add_argument("--dataset", required=True, type=_dataset_name,
+                        help="name of the metadata folder, e.g. MVTec, VisA; later commands take the same "
+                             "--dataset (required)")
+    parser.add_argument("--root",
+                        help="dataset folder; recorded in <out_dir>/<dataset>/root.json for later commands (default: "
+                             "the root recorded by an earlier run, else the dataset's default root in "
+                             "dataset/constants.json)")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto",
                         help="folder layout, see above (default: auto, detected from the folder)")
-    parser.add_argument("--out_dir", default="dataset/metadata")
-    parser.add_argument("--shots", type=int, nargs="*", default=list(DEFAULT_SHOTS))
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    args = parser.parse_args(argv)
-    root = args.root or get_dataset_info(args.dataset)["default_root"]
+    parser.add_argument("--out_dir", default="dataset/metadata",
+                        help="where <dataset>/full-shot.jsonl, <dataset>/<k>-shot.jsonl and <dataset>/root.json "
+                             "go; later commands read it as --metadata_dir (default: %(default)s)")
+    parser.add_argument("--shots", type=_shot_count, nargs="*", default=list(DEFAULT_SHOTS), metavar="K",
+                        help="write a <k>-shot.jsonl list (k samples per class) for each; a count larger than "
+                             "the smallest class is skipped with a warning; --shots alone writes none (default: "
+                             f"{' '.join(map(str, DEFAULT_SHOTS))})")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="seed of the k-shot draws (default: %(default)s)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an input error instead of one error line; AACLIP_DEBUG=1 does "
+                             "the same (default: off)")
+    return parser
+
+
+def _remove_stale(path: Path) -> str:
+    """Delete the list of a skipped shot count left by an earlier run: drawn from another full list, it no
+    longer matches the new one. Returns what the warning adds."""
+    if not path.is_file():
+        return ""
+    path.unlink()
+    return f"; deleted the {path.name} of an earlier run, drawn from another full list"
+
+
+def run(args: argparse.Namespace) -> None:
+    """Write the lists whose shot counts fit every class and record the root; warn of each skipped count."""
+    root = resolve_root(args.root, args.out_dir, args.dataset)
+    full = collect_samples(root, args.layout, args.dataset)
+    shots = list(dict.fromkeys(args.shots))  # a repeated count would draw and write the same list twice
+    skipped = {k: why for k in shots if (why := shot_shortfall(full, k))}
+    written = write_lists(args.dataset, root, full, args.out_dir, [k for k in shots if k not in skipped], args.seed)
+    report(written)
+    print(f"recorded the dataset root in {root_file(args.out_dir, args.dataset)}: later commands with "
+          f"--dataset {args.dataset} --metadata_dir {args.out_dir} need no --data_root")
+    for k, why in skipped.items():
+        stale = _remove_stale(Path(args.out_dir) / args.dataset / f"{k}-shot.jsonl")
+        print(f"warning: skipped {k}-shot.jsonl: {why}{stale}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        report(build_metadata(args.dataset, root, args.layout, args.out_dir, args.shots, args.seed))
-    except DatasetError as e:
+        run(args)
+    except UserError as e:
+        # What cli.cli_main does for the training scripts; importing it would load torch into this fast tool.
+        if args.debug or os.environ.get("AACLIP_DEBUG") == "1":
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

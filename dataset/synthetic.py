@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import binary_erosion, gaussian_filter
 
+from utils.argtypes import non_negative_int, positive_int
+
 from .common import DatasetError
 from .make_metadata import build_metadata, report
 
@@ -186,20 +188,32 @@ def make_synthetic(out: str, seed: int = 0, size: int = 128, n_normal: int = 6, 
             _save(mask.astype(np.uint8) * 255, root / name / "ground_truth" / defect / f"{j:03d}_mask.png")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/Synthetic",
-                        help="the default is the root that `--dataset Synthetic` resolves to")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--n_normal", type=int, default=6)
-    parser.add_argument("--n_anomalous", type=int, default=6)
-    parser.add_argument("--n_train", type=int, default=4)
-    parser.add_argument("--classes", nargs="+", choices=list(CLASSES), default=list(CLASSES))
-    parser.add_argument("--metadata_dir", default="dataset/metadata", help='"" to skip writing metadata')
-    parser.add_argument("--name", default="Synthetic", help="dataset name of the metadata folder")
-    parser.add_argument("--shots", type=int, nargs="*", default=[4])
-    args = parser.parse_args(argv)
+                        help="dataset folder; the default is the root that `--dataset Synthetic` resolves to "
+                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shapes and defects (default: %(default)s)")
+    parser.add_argument("--size", type=positive_int, default=128, help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--n_normal", type=non_negative_int, default=6,
+                        help="normal test images per class (default: %(default)s)")
+    parser.add_argument("--n_anomalous", type=non_negative_int, default=6,
+                        help="anomalous test images per class, with masks (default: %(default)s)")
+    parser.add_argument("--n_train", type=non_negative_int, default=4,
+                        help="normal train images per class (default: %(default)s)")
+    parser.add_argument("--classes", nargs="+", choices=list(CLASSES), default=list(CLASSES),
+                        help="classes to draw (default: all)")
+    parser.add_argument("--metadata_dir", default="dataset/metadata",
+                        help='folder of the metadata lists; "" skips writing them (default: %(default)s)')
+    parser.add_argument("--name", default="Synthetic",
+                        help="dataset name of the metadata folder (default: %(default)s)")
+    parser.add_argument("--shots", type=positive_int, nargs="*", default=[4],
+                        help="k-shot lists to write besides full-shot (default: 4)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         make_synthetic(args.out, args.seed, args.size, args.n_normal, args.n_anomalous, args.n_train, args.classes)
         print(f"wrote synthetic dataset to {args.out}")

@@ -240,8 +240,8 @@ class AdaptedCLIP(nn.Module):
     # ---------------------------------------------------------------- image
     def patch_embed(self, image: torch.Tensor) -> torch.Tensor:
         """CLIP's `conv1` (kernel = stride = patch, no bias) as one matrix product over the flattened
-        patches: cuDNN ran this convolution in bf16 with a slow implicit-GEMM kernel (2.75 ms of an 80 ms
-        test batch of 32 at 518 px on an H200; the test forward went from 389 to 405 img/s without it).
+        patches: cuDNN ran this convolution in bf16 with a slow implicit-GEMM kernel (profile in
+        docs/benchmarks.md).
         Pixels beyond the last whole patch are dropped, as the convolution drops them.
         image: [B, 3, S, S] -> [B, N, Wv]."""
         weight = self.clip.visual.conv1.weight  # [Wv, 3, p, p]

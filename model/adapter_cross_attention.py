@@ -1,5 +1,5 @@
 """AA-CLIP with vision-aware text anchors: cross-attention from the text tokens to the image's patches
-after text block 1 (layer 0), before `text_adapter[0]`."""
+after text layer 0, before `text_adapter[0]`."""
 from __future__ import annotations
 
 import torch
@@ -62,14 +62,20 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         text_width = clip_model.token_embedding.embedding_dim
         self.text_cross_attn = CrossAttentionModule(text_width, self.embed_dim, cross_attn_heads, cross_attn_dropout)
 
-    def image_context(self, image: torch.Tensor) -> torch.Tensor:
-        """The first level's Stage-1 features (level 6 for ViT-L, CLS residual added): the blocks after
-        that level run only on the plain path for the CLS. image: [B, 3, S, S] -> [B, N, D]."""
-        feats, _ = self.stage1_features(image, levels=self.levels[:1])
-        return feats[0]
+    # Which Stage-1 level is the context, as an index into `levels`: the plan's first (block 6 of ViT-L).
+    # The one owner of that rule: training, the anchors, the sanity check and the analysis ask `image_context`.
+    context_level = 0
+
+    def image_context(self, image: torch.Tensor, stage1_feats: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The context level's Stage-1 features (CLS residual added). `stage1_feats`: the step's own
+        Stage-1 features (every level), reused when given; otherwise only the blocks up to the context
+        level run. image: [B, 3, S, S] -> [B, N, D]."""
+        if stage1_feats is None:
+            stage1_feats, _ = self.stage1_features(image, levels=self.levels[:self.context_level + 1])
+        return stage1_feats[self.context_level]
 
     def text_after_first_block(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings and text block 1, which do not depend on the image: computed once per prompt.
+        """Embeddings and text layer 0, which do not depend on the image: computed once per prompt.
         tokens: [K, P, 77] -> (x [K, P, T, Wt], eot [K, P])."""
         k, p, length = tokens.shape
         x, eot = self.embed_text(tokens.reshape(k * p, length))

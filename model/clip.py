@@ -2,7 +2,13 @@
 an OpenAI TorchScript `.pt`, a state-dict file, open_clip's `openai` download, or none (random)."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -18,6 +24,9 @@ OPENAI_URLS = {
     "ViT-L-14-336": "https://openaipublic.azureedge.net/clip/models/"
     "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
+# Seconds `--pretrained openai` waits for a connection to the download host before it calls the machine
+# offline (open_clip's own download retries for about a minute).
+REACHABLE_TIMEOUT_S = 3.0
 # Keys the OpenAI TorchScript archive stores beside the weights.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -60,18 +69,129 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _hf_files(cfg: dict) -> tuple[str, list[str]] | None:
+    """(repository, file names in the order open_clip tries them) when open_clip's `download_pretrained`
+    fetches `cfg` from the Hugging Face Hub (its default when huggingface_hub is installed), else None."""
+    hf = cfg.get("hf_hub", "")
+    if not hf or not open_clip.pretrained.has_hf_hub():
+        return None
+    repo, filename = os.path.split(hf)
+    filename = filename or open_clip.pretrained.HF_WEIGHTS_NAME
+    alternatives = getattr(open_clip.pretrained, "_get_safe_alternatives", lambda name: ())
+    safe = list(alternatives(filename)) if getattr(open_clip.pretrained, "_has_safetensors", False) else []
+    return repo, safe + [filename]
+
+
+def _sha256_matches(path: Path, url: str) -> bool:
+    """Whether `path` has the SHA-256 that an openaipublic URL names (its last folder); True for others."""
+    expected = url.split("/")[-2] if "openaipublic" in url else ""
+    if not expected:
+        return True
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest().startswith(expected)
+
+
+def _cached_openai(cfg: dict) -> str | None:
+    """The weights' file in a local cache, which needs no network: Hugging Face's cache (where open_clip
+    downloads them), or `~/.cache/clip` (open_clip's URL downloads and OpenAI's `clip` package; checksum
+    checked)."""
+    if "file" in cfg:
+        return cfg["file"]
+    hf = _hf_files(cfg)
+    if hf:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, names = hf
+        for name in names:
+            hit = try_to_load_from_cache(repo, name)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit
+    url = cfg.get("url", "")
+    path = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+    if url and path.is_file() and _sha256_matches(path, url):
+        return str(path)
+    return None
+
+
+def _download_url(cfg: dict) -> str:
+    """The URL whose host open_clip's `download_pretrained(cfg)` connects to."""
+    hf = _hf_files(cfg)
+    if hf:
+        from huggingface_hub import constants
+
+        return f"{constants.ENDPOINT}/{hf[0]}"
+    return cfg.get("url", "")
+
+
+def _hf_offline_mode() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) forbids Hugging Face downloads."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
+        "1", "ON", "YES", "TRUE")
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to `url`'s host (or to the proxy the environment sets for it) opens within
+    `timeout` seconds, name lookup included."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if not host:
+        return True  # nothing to check: let open_clip try
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = p.hostname or host, p.port or (443 if p.scheme == "https" else 1080 if "socks" in p.scheme
+                                                      else 80)
+    opened = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    # A thread, because a hanging name lookup ignores the socket's timeout.
+    thread = threading.Thread(target=connect, name="aaclip-reachable", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
+
+
 def _download_openai(model_name: str) -> str:
+    """open_clip's `openai` weights for `model_name`: from a local cache when they are there, else
+    downloaded; an offline machine fails at once (`REACHABLE_TIMEOUT_S`) instead of after open_clip's
+    retries."""
     cfg = open_clip.get_pretrained_cfg(model_name, "openai")
     if not cfg:
         raise UserError(f"open_clip has no 'openai' weights for {model_name}; pass a weight file with --pretrained")
+    cached = _cached_openai(cfg)
+    if cached:
+        return cached
+    url = OPENAI_URLS.get(model_name, cfg.get("url", ""))
+    source = _download_url(cfg)
+    host = urllib.parse.urlsplit(source).hostname or source
+    hint = (f"Download {url or 'the OpenAI .pt file'} on a connected machine and pass its path: --pretrained "
+            f"/path/{os.path.basename(url) or model_name + '.pt'}")
+    if _hf_files(cfg) and _hf_offline_mode():
+        raise UserError(f"cannot download the OpenAI weights for {model_name}: HF_HUB_OFFLINE is set (offline) and "
+                        f"they are not in the Hugging Face cache. {hint}")
+    if not _reachable(source, REACHABLE_TIMEOUT_S):
+        raise UserError(f"cannot download the OpenAI weights for {model_name}: this machine is offline ({host} not "
+                        f"reachable within {REACHABLE_TIMEOUT_S:g} s) and they are not in a local cache. {hint}")
     try:
         return open_clip.download_pretrained(cfg)
     except Exception as e:  # network errors come in many types
-        url = OPENAI_URLS.get(model_name, cfg.get("url", ""))
         raise UserError(
             f"downloading the OpenAI weights for {model_name} failed ({type(e).__name__}); this machine is "
-            f"probably offline. Download {url or 'the OpenAI .pt file'} on a connected machine and pass its "
-            "path with --pretrained"
+            f"probably offline. {hint}"
         ) from None
 
 
@@ -127,6 +247,8 @@ def build_clip(
     patch = cfg["vision_cfg"]["patch_size"]
     if image_size is not None and image_size % patch:
         raise UserError(f"--image_size {image_size} is not a multiple of {model_name}'s patch size {patch}")
+    # The weights' file first: an offline machine stops before the model is built.
+    path = _download_openai(model_name) if pretrained == "openai" else pretrained
     # open_clip logs "No pretrained weights loaded" to stderr (before any error line), although the
     # weights are loaded below.
     logging.disable(logging.WARNING)
@@ -136,7 +258,6 @@ def build_clip(
     finally:
         logging.disable(logging.NOTSET)
     if pretrained != "none":
-        path = _download_openai(model_name) if pretrained == "openai" else pretrained
         load_clip_weights(model, load_state_dict_file(path), str(path))
     model.eval().requires_grad_(False)
     return model

@@ -3,19 +3,14 @@ tiny cross-attention checkpoint trained on synthetic data."""
 import csv
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import train_cross_attention
 from analyze_attention import (build_prompt, grounding_ratio, mask_to_grid, parse_args, run, token_attention,
                                word_maps, word_token_spans)
-from dataset import synthetic
-from cli import load_model
+from cli import load_dataset, load_model
 from model import get_tokenizer
-from cli import load_dataset
 from utils.errors import UserError
 
 
@@ -87,33 +82,24 @@ def test_refuses_a_baseline_run(tmp_path):
 
 # --- end to end -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, str]:
-    """A tiny cross-attention run on two synthetic classes; returns the data and run flags."""
-    tmp = tmp_path_factory.mktemp("attention")
-    flags = {"--dataset": "Synthetic", "--data_root": str(tmp / "syn"), "--metadata_dir": str(tmp / "meta"),
-             "--num_workers": "0"}
-    assert synthetic.main(["--out", flags["--data_root"], "--metadata_dir", flags["--metadata_dir"], "--size", "64",
-                           "--n_normal", "2", "--n_anomalous", "2", "--n_train", "0", "--classes", "disc", "nut"]) == 0
-    train = ["--model", "tiny", "--image_size", "112", "--shot", "4", "--text_epoch", "1", "--image_epoch", "1",
-             "--image_batch_size", "8", "--save_path", str(tmp / "ck"), *(x for kv in flags.items() for x in kv)]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["train_cross_attention.py", *train])
-        train_cross_attention.main()
-    return {**flags, "--save_path": str(tmp / "ck")}
+@pytest.fixture
+def trained(data, runs) -> dict[str, str]:
+    """The session's cross-attention run and its data, as flags."""
+    return {"--dataset": "Synthetic", "--data_root": str(data / "syn"), "--metadata_dir": str(data / "meta"),
+            "--num_workers": "0", "--save_path": str(runs / "cross_attention")}
 
 
-def test_end_to_end_writes_figures_and_table(trained):
-    out = Path(trained["--save_path"]) / "attention"
-    run(parse_args([*(x for kv in trained.items() for x in kv), "--num_images", "1"]))
-    for name in ("disc", "nut"):
+def test_end_to_end_writes_figures_and_table(trained, tmp_path):
+    out = tmp_path / "attention"
+    run(parse_args([*(x for kv in trained.items() for x in kv), "--num_images", "1", "--out", str(out)]))
+    for name in ("disc", "stripes"):
         pngs = list((out / name).glob("*/*.png"))
         assert len(pngs) == 6  # one image x the six default prompts
     assert "RANDOM BACKBONE WEIGHTS" in (out / "grounding.md").read_text()
     rows = list(csv.DictReader(open(out / "grounding.csv")))
-    assert [r["class"] for r in rows] == ["disc", "nut"]
+    assert [r["class"] for r in rows] == ["disc", "stripes"]
     for row in rows:
-        assert int(row["state_n"]) == int(row["object_n"]) == 2  # both anomalous images have a mask
+        assert int(row["state_n"]) == int(row["object_n"]) == 3  # every anomalous image has a mask
         for col in ("state", "object", "damaged", "broken", "flaw", "defect", "damage"):
             ratio = float(row[col])
             assert math.isfinite(ratio) and ratio > 0

@@ -3,6 +3,7 @@ a SIGTERM'd run resumes exactly, and bad input stops every rank with one message
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,19 +13,15 @@ import pytest
 import torch
 
 import engine
+import test as test_script
 import train
+from conftest import run_main
 from utils.distributed import shard
-from conftest import tiny_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread per process: two ranks share the two CI cores, and thread counts can change low bits.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
 LR = 5e-4  # --image_lr (the default)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_synthetic(tmp_path_factory.mktemp("data"))
 
 
 def common(data):
@@ -49,6 +46,36 @@ def torchrun(script, argv, expect=0):
     return out, err
 
 
+class Ranks:
+    """The processes of a torchrun job started directly, with torchrun's environment (env:// rendezvous on
+    a free port), without the launcher process: the launcher is under test only where it acts (SIGTERM
+    forwarding, the exit summary), and each launcher costs two seconds of the CI's two cores."""
+
+    def __init__(self, script: str, argv: list[str], nproc: int = 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.procs = [subprocess.Popen([sys.executable, script, *argv], cwd=REPO, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True,
+                                       env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+                                                LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                                                MASTER_PORT=str(port)))
+                      for r in range(nproc)]
+
+    def wait(self) -> str:
+        """Every rank's stdout, after checking that each exited 0."""
+        outs = []
+        for proc in self.procs:
+            out, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err[-3000:]
+            outs.append(out)
+        return "".join(outs)
+
+
+def run_ranks(script: str, argv: list[str]) -> str:
+    return Ranks(script, argv).wait()
+
+
 def ckpt(path):
     return torch.load(path, weights_only=True)
 
@@ -64,15 +91,15 @@ def test_rank_slices_split_each_global_batch():
 
 
 @pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
+def one_and_two(data, tmp_path_factory):
     """The same baseline training in one process (in-process) and in two (torchrun)."""
-    out = tmp_path_factory.mktemp("runs")
+    out = tmp_path_factory.mktemp("one_and_two")
     argv = common(data) + ["--text_epoch", "1", "--image_epoch", "2"]
     mp = pytest.MonkeyPatch()
     mp.setattr(sys, "argv", ["train.py", *argv, "--save_path", str(out / "one")])
     train.main()
     mp.undo()
-    torchrun("train.py", argv + ["--save_path", str(out / "two")])
+    run_ranks("train.py", argv + ["--save_path", str(out / "two")])
     return out
 
 
@@ -81,12 +108,12 @@ def epoch_losses(run):
             or "/1: loss" in line]
 
 
-def test_two_processes_train_like_one(runs):
+def test_two_processes_train_like_one(one_and_two):
     """Same weights up to float reduction order: each rank's gradient is summed in another order than
     one process's. The optimizer moments (running means of the gradient, Adam's only scale-sensitive
     state) agree to 1e-5 relative; Adam divides the gradient by its own magnitude, so a weight whose
     gradient is near zero can move by up to a step (lr) differently; every weight stays within lr / 2."""
-    one, two = runs / "one", runs / "two"
+    one, two = one_and_two / "one", one_and_two / "two"
     assert epoch_losses(one) == epoch_losses(two) and len(epoch_losses(one)) == 3
     assert "2 processes on cpu" in (two / "train.log").read_text()
     for name, module, optimizer in [("text_adapter.pth", "text_adapter", "text_optimizer"),
@@ -102,20 +129,23 @@ def test_two_processes_train_like_one(runs):
     assert sorted(p.name for p in two.glob("image_adapter_*.pth")) == ["image_adapter_1.pth", "image_adapter_2.pth"]
 
 
-def test_two_processes_evaluate_like_one(runs, data):
+def test_two_processes_evaluate_like_one(one_and_two, data):
     """The results JSON and the per-image scores are byte for byte one process's (3 batches of 5: rank 0
     scores 10 images, rank 1 two)."""
-    argv = ["--save_path", str(runs / "one"), "--dataset", "Synthetic", "--data_root", str(data / "syn"),
+    argv = ["--save_path", str(one_and_two / "one"), "--dataset", "Synthetic", "--data_root", str(data / "syn"),
             "--metadata_dir", str(data / "meta"), "--num_workers", "0", "--device", "cpu", "--batch_size", "5"]
-    single = subprocess.run([sys.executable, "test.py", *argv, "--results_dir", str(runs / "eval1")], cwd=REPO,
-                            env=ENV, capture_output=True, text=True, timeout=240)
-    assert single.returncode == 0, single.stderr[-3000:]
-    out, _ = torchrun("test.py", argv + ["--results_dir", str(runs / "eval2")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank one_and_two (ENV): thread counts can change low bits
+    try:
+        run_main(test_script, argv + ["--results_dir", str(one_and_two / "eval1")])
+    finally:
+        torch.set_num_threads(threads)
+    out = run_ranks("test.py", argv + ["--results_dir", str(one_and_two / "eval2")])
     assert out.count("| mean |") == 1  # rank 0 alone logs
     for name in ("Synthetic_epoch2.json", "Synthetic_epoch2_images.csv"):
-        assert (runs / "eval1" / name).read_bytes() == (runs / "eval2" / name).read_bytes(), name
-    assert "12 images on 2 processes" in (runs / "eval2" / "test.log").read_text()
-    assert json.loads((runs / "eval2" / "Synthetic_epoch2.json").read_text())["mean"]["image_auroc"] is not None
+        assert (one_and_two / "eval1" / name).read_bytes() == (one_and_two / "eval2" / name).read_bytes(), name
+    assert "12 images on 2 processes" in (one_and_two / "eval2" / "test.log").read_text()
+    assert json.loads((one_and_two / "eval2" / "Synthetic_epoch2.json").read_text())["mean"]["image_auroc"] is not None
 
 
 def test_sigterm_under_torchrun_then_resume_equals_uninterrupted(data, tmp_path):
@@ -124,7 +154,7 @@ def test_sigterm_under_torchrun_then_resume_equals_uninterrupted(data, tmp_path)
     uninterrupted two-process run ends."""
     argv = common(data) + ["--text_batch_size", "3", "--image_batch_size", "5", "--text_epoch", "2",
                            "--image_epoch", "1", "--checkpoint_every", "1"]
-    torchrun("train_cross_attention.py", argv + ["--save_path", str(tmp_path / "full")])
+    full = Ranks("train_cross_attention.py", argv + ["--save_path", str(tmp_path / "full")])
     cut = launch("train_cross_attention.py", argv + ["--save_path", str(tmp_path / "cut")])
     first = tmp_path / "cut" / "text_adapter_cross_attn.pth"
     t0 = time.time()
@@ -137,7 +167,8 @@ def test_sigterm_under_torchrun_then_resume_equals_uninterrupted(data, tmp_path)
     saved = ckpt(first)
     assert saved["epoch"] < 2 and len(saved.get("rng_ranks", [])) in (0, 2)
     assert "interrupted by signal 15" in (tmp_path / "cut" / "train.log").read_text()
-    torchrun("train_cross_attention.py", argv + ["--save_path", str(tmp_path / "cut")])
+    full.wait()
+    run_ranks("train_cross_attention.py", argv + ["--save_path", str(tmp_path / "cut")])
     for name, modules in [("text_adapter_cross_attn.pth", ["text_adapter", "text_cross_attn"]),
                           ("image_adapter.pth", ["image_adapter"])]:
         a, b = ckpt(tmp_path / "full" / name), ckpt(tmp_path / "cut" / name)
@@ -146,17 +177,26 @@ def test_sigterm_under_torchrun_then_resume_equals_uninterrupted(data, tmp_path)
                 assert torch.equal(a[module][key], b[module][key]), (name, module, key)
 
 
-@pytest.mark.parametrize("script,argv_fn,message", [
-    ("train.py", lambda d, t: common(d) + ["--text_batch_size", "1", "--save_path", str(t / "run")],
-     "--text_batch_size 1 is the global batch"),
-    ("test.py", lambda d, t: ["--save_path", str(t / "missing"), "--device", "cpu"], "does not exist"),
-])
-def test_bad_input_stops_every_rank_with_one_message(data, tmp_path, script, argv_fn, message):
-    """After the process group exists (train.py's batch check) and before (test.py's save path): one
-    `error:` line, exit code 2 (torchrun reports the first rank to exit and may stop the other before it
-    exits on its own), no traceback, nothing written."""
-    _, err = torchrun(script, argv_fn(data, tmp_path), expect=1)
+def test_bad_input_stops_every_rank_with_one_message(data, tmp_path):
+    """After the process group exists (train.py's batch check): one `error:` line, exit code 2 (torchrun
+    reports the first rank to exit and may stop the other before it exits on its own), no traceback,
+    nothing written."""
+    _, err = torchrun("train.py", common(data) + ["--text_batch_size", "1", "--save_path", str(tmp_path / "run")],
+                      expect=1)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], err[-3000:]
+    assert len(errors) == 1 and "--text_batch_size 1 is the global batch" in errors[0], err[-3000:]
     assert "exitcode  : 2" in err and f'File "{REPO}' not in err  # no traceback of ours
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_error_before_the_process_group_is_printed_by_rank_0_only(rank, tmp_path, monkeypatch, capsys):
+    """Under torchrun, before the process group exists (test.py's save path check): every rank raises
+    the same error; rank 0 prints it, the others exit 2 silently (torchrun sets RANK)."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(sys, "argv", ["test.py", "--save_path", str(tmp_path / "missing"), "--device", "cpu"])
+    with pytest.raises(SystemExit) as stop:
+        test_script.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert ("error: --save_path" in err and "does not exist" in err) if rank == "0" else err == ""

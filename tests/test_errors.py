@@ -3,6 +3,7 @@ flag and says the fix, and leaves nothing half-written behind (checked on the fo
 `NotClean`: the script did not stop cleanly with such a message; `LeftBehind`: the message is right but
 files were created or changed.
 """
+import errno
 import json
 import shutil
 import subprocess
@@ -19,95 +20,12 @@ import test as test_script
 import train
 import train_cross_attention
 from model import AdaptedCLIP, build_clip
-from conftest import tiny_synthetic
+from conftest import NotClean, assert_unchanged, data_args, fail, has, listing, run_main, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class NotClean(AssertionError):
-    """The script did not stop with exit code 2 and an `error:` message free of tracebacks."""
-
-
-class LeftBehind(AssertionError):
-    """The failed run created or changed files."""
-
-
-# --- helpers ------------------------------------------------------------------------------------------
-
-def fail(module, argv: list[str], monkeypatch, capsys) -> str:
-    """Runs `module.main()` with `argv` and returns its error message (from `error:` on)."""
-    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
-    monkeypatch.delenv("AACLIP_DEBUG", raising=False)
-    capsys.readouterr()
-    try:
-        module.main()
-    except SystemExit as e:
-        err = capsys.readouterr().err
-        if e.code != 2 or "error:" not in err or "Traceback" in err:
-            raise NotClean(f"exit code {e.code}, stderr:\n{err}") from None
-        return err[err.index("error:"):]
-    except Exception as e:
-        raise NotClean(f"{type(e).__name__} escaped: {e}") from e
-    raise NotClean("the run succeeded")
-
-
-def listing(path: Path) -> dict | None:
-    """Every entry under `path` (files with size and mtime); None when `path` does not exist."""
-    if not path.exists():
-        return None
-    return {p.relative_to(path).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "dir"
-            for p in path.rglob("*")}
-
-
-def assert_unchanged(path: Path, before: dict | None) -> None:
-    after = listing(path)
-    if after != before:
-        new = sorted(set(after or {}) - set(before or {}))
-        changed = sorted(k for k in set(after or {}) & set(before or {}) if after[k] != before[k])
-        raise LeftBehind(f"{path}: created {new}, changed {changed}")
-
-
-def has(msg: str, *words: str) -> None:
-    for w in words:
-        assert w in msg, f"{w!r} not in: {msg}"
-
-
 # --- fixtures -----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_synthetic(tmp_path_factory.mktemp("data"), n_normal=2)
-
-
-def data_args(data: Path) -> list[str]:
-    return ["--dataset", "Synthetic", "--data_root", str(data / "syn"), "--metadata_dir", str(data / "meta"),
-            "--num_workers", "0", "--device", "cpu"]
-
-
-def train_args(data: Path, save: Path) -> list[str]:
-    return data_args(data) + ["--model", "tiny", "--image_size", "56", "--shot", "2", "--text_batch_size", "2",
-                              "--image_batch_size", "2", "--text_epoch", "1", "--image_epoch", "1",
-                              "--save_path", str(save)]
-
-
-@pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
-    """A finished baseline and cross-attention run, never modified (tests change copies)."""
-    out = tmp_path_factory.mktemp("runs")
-    mp = pytest.MonkeyPatch()
-    for module, name in ((train, "baseline"), (train_cross_attention, "cross_attention")):
-        mp.setattr(sys, "argv", ["train.py", *train_args(data, out / name)])
-        module.main()
-    mp.undo()
-    return out
-
-
-@pytest.fixture
-def copy_run(runs, tmp_path):
-    def copy(name: str) -> Path:
-        return Path(shutil.copytree(runs / name, tmp_path / name))
-    return copy
-
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory) -> AdaptedCLIP:
@@ -214,16 +132,16 @@ def test_anomalous_sample_mask_missing(data, tmp_path, monkeypatch, capsys):
 def test_baseline_training_into_a_cross_attention_run(data, copy_run, monkeypatch, capsys):
     save = copy_run("cross_attention")
     before = listing(save)
-    has(fail(train, train_args(data, save), monkeypatch, capsys), str(save), "variant='cross_attention'",
-        "--save_path")
+    has(fail(train, train_args(data, save), monkeypatch, capsys), str(save),
+        "--variant: 'cross_attention' then, 'baseline' now", "new --save_path")
     assert_unchanged(save, before)
 
 
 def test_cross_attention_training_into_a_baseline_run(data, copy_run, monkeypatch, capsys):
     save = copy_run("baseline")
     before = listing(save)
-    has(fail(train_cross_attention, train_args(data, save), monkeypatch, capsys), str(save), "variant='baseline'",
-        "--save_path")
+    has(fail(train_cross_attention, train_args(data, save), monkeypatch, capsys), str(save),
+        "--variant: 'baseline' then, 'cross_attention' now", "new --save_path")
     assert_unchanged(save, before)
 
 
@@ -232,7 +150,8 @@ def test_cross_attention_checkpoint_as_baseline_text_adapter(data, runs, copy_ru
     shutil.copy(runs / "cross_attention" / "text_adapter_cross_attn.pth", save / "text_adapter.pth")
     before = listing(save)
     msg = fail(test_script, ["--save_path", str(save), *data_args(data)], monkeypatch, capsys)
-    has(msg, str(save / "text_adapter.pth"), "is a cross_attention checkpoint", "put the baseline run's text_adapter.pth there")
+    has(msg, str(save / "text_adapter.pth"), "is a cross_attention checkpoint",
+        "put the baseline run's text_adapter.pth there")
     assert_unchanged(save, before)
 
 
@@ -265,7 +184,8 @@ def test_image_adapter_of_another_width_predict(data, wide, copy_run, monkeypatc
     path = replace_image_adapter(save, wide)
     before = listing(save)
     msg = fail(predict, ["--save_path", str(save), "--images", str(data / "syn" / "disc" / "test" / "good"),
-                         "--class_name", "disc", "--device", "cpu", "--num_workers", "0"], monkeypatch, capsys)
+                         "--class_name", "disc", "--device", "cpu", "--num_workers", "0", "--epoch", "1"],
+               monkeypatch, capsys)
     has(msg, str(path), "does not fit", "--model")
     assert_unchanged(save, before)
 
@@ -408,3 +328,161 @@ def test_real_cli_path(data, tmp_path):
     assert not (tmp_path / "run").exists()
     if not proc.stderr.startswith("error:"):
         raise NotClean(f"stderr does not start with the error line:\n{proc.stderr}")
+
+
+# --- reruns: a save path holds one configuration ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A tiny CLIP's weights as a state-dict file."""
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(build_clip("tiny", "none", 56).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weighted_run(data, weights, tmp_path_factory) -> Path:
+    """A baseline run trained from `weights` (never changed; tests copy it)."""
+    save = tmp_path_factory.mktemp("weighted") / "run"
+    run_main(train, train_args(data, save) + ["--pretrained", str(weights)])
+    return save
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--seed", "3"], ["--seed: 111 then, 3 now"]),
+    (["--image_lr", "0.001"], ["--image_lr: 0.0005 then, 0.001 now"]),
+    (["--shot", "1"], ["--shot: 2 then, 1 now"]),
+    (["--image_epoch", "1"], ["--image_epoch: 2 then, 1 now", "only be extended", "test.py --epoch"]),
+    (["--image_epoch", "2", "--text_epoch", "2"], ["--text_epoch: 1 then, 2 now", "Stage 2 has trained"]),
+    (["--image_epoch", "2", "--relu", "--precision", "fp32"], ["--relu: False then, True now"]),
+    (["--image_epoch", "2", "--pretrained", "openai"], ["--pretrained: 'none' then, 'openai' now"]),
+])
+def test_rerun_with_other_settings(extra, words, data, copy_run, monkeypatch, capsys):
+    save = copy_run("baseline")
+    before = listing(save)
+    msg = fail(train, train_args(data, save) + extra, monkeypatch, capsys)
+    has(msg, f"{save} holds a run with other settings", *words, "new --save_path", str(save / "args.json"))
+    assert_unchanged(save, before)
+
+
+def test_rerun_without_the_weight_file(data, weighted_run, tmp_path, monkeypatch, capsys):
+    save = Path(shutil.copytree(weighted_run, tmp_path / "run"))
+    before = listing(save)
+    msg = fail(train, train_args(data, save), monkeypatch, capsys)  # --pretrained omitted: random weights
+    has(msg, "--pretrained:", "tiny.pt (sha256", "then, none (sha256 None) now")
+    assert_unchanged(save, before)
+
+
+def test_rerun_with_a_changed_training_list(data, copy_run, tmp_path, monkeypatch, capsys):
+    save, meta = copy_run("baseline"), copy_metadata(data, tmp_path)
+    shot = meta / "Synthetic" / "2-shot.jsonl"
+    shot.write_text("".join(reversed(shot.read_text().splitlines(keepends=True))))
+    before = listing(save)
+    argv = train_args(data, save) + ["--metadata_dir", str(meta), "--image_epoch", "2"]
+    has(fail(train, argv, monkeypatch, capsys), "Synthetic/2-shot.jsonl: its content changed")
+    assert_unchanged(save, before)
+
+
+@pytest.mark.parametrize("script", [test_script, predict])
+def test_evaluation_with_other_weights(script, data, weighted_run, tmp_path, monkeypatch, capsys):
+    save = Path(shutil.copytree(weighted_run, tmp_path / "run"))
+    other = tmp_path / "other.pt"
+    torch.manual_seed(5)
+    torch.save(build_clip("tiny", "none", 56).state_dict(), other)
+    before = listing(save)
+    argv = ["--save_path", str(save), "--pretrained", str(other), "--device", "cpu", "--num_workers", "0"]
+    argv += data_args(data) if script is test_script else ["--images", str(data / "syn" / "disc"), "--class_name",
+                                                           "disc"]
+    has(fail(script, argv, monkeypatch, capsys), f"--pretrained {other} (sha256", "is not the weight file",
+        str(save), "pass that file")
+    assert_unchanged(save, before)
+
+
+def test_damaged_args_json(data, copy_run, monkeypatch, capsys):
+    """A zero-byte args.json (left by older versions on a full disk) is one message, for training and testing."""
+    save = copy_run("baseline")
+    (save / "args.json").write_text("")
+    before = listing(save)
+    has(fail(train, train_args(data, save), monkeypatch, capsys), f"cannot read {save / 'args.json'}", "delete it")
+    has(fail(test_script, ["--save_path", str(save), *data_args(data)], monkeypatch, capsys), "cannot read")
+    assert_unchanged(save, before)
+
+
+# --- one training per folder --------------------------------------------------------------------------
+
+def test_second_training_on_a_locked_folder(data, copy_run, monkeypatch, capsys):
+    save = copy_run("baseline")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(save / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "f.seek(0); f.truncate(); f.write('4242\\n'); f.flush(); print('locked', flush=True)\n"
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = listing(save)
+        msg = fail(train, train_args(data, save) + ["--image_epoch", "3"], monkeypatch, capsys)
+        has(msg, "another training (PID 4242)", str(save), "another --save_path")
+        assert_unchanged(save, before)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# --- a full disk ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def disk_full_at(monkeypatch):
+    """`disk_full_at(name)`: writing a file whose name is `name` fails as on a full disk, after part of it
+    was written (the error of a real ENOSPC surfaces at write or at fsync); `disk_full_at(None)`: space
+    was freed."""
+    import utils.io
+    real, full = utils.io._atomic_write, {"name": None}
+
+    def failing(path, write):
+        if Path(path).name != full["name"]:
+            return real(path, write)
+
+        def partial(f):
+            f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, partial)
+    monkeypatch.setattr(utils.io, "_atomic_write", failing)
+    return lambda name: full.update(name=name)
+
+
+def test_disk_full_writing_args_json(data, tmp_path, disk_full_at, monkeypatch, capsys):
+    save = tmp_path / "run"
+    disk_full_at("args.json")
+    has(fail(train, train_args(data, save), monkeypatch, capsys), f"cannot write {save / 'args.json'}",
+        "No space left on device", "rerun")
+    assert_unchanged(save, None)  # no zero-byte args.json, no folder
+
+
+def test_disk_full_writing_a_checkpoint(data, tmp_path, disk_full_at, monkeypatch, capsys):
+    save = tmp_path / "run"
+    disk_full_at("image_adapter_1.pth")
+    msg = fail(train, train_args(data, save), monkeypatch, capsys)
+    has(msg, f"cannot write a checkpoint in {save}", "No space left on device", "run the same command to resume")
+    assert sorted(p.name for p in save.iterdir()) == [".lock", "args.json", "text_adapter.pth", "train.log"]
+
+
+def test_disk_full_writing_results(data, copy_run, disk_full_at, monkeypatch, capsys):
+    save = copy_run("baseline")
+    disk_full_at("Synthetic_epoch2.json")
+    before = listing(save)
+    msg = fail(test_script, ["--save_path", str(save), *data_args(data)], monkeypatch, capsys)
+    has(msg, f"cannot write {save / 'results' / 'Synthetic_epoch2.json'}", "No space left on device")
+    assert set(listing(save)) - set(before) == {"results", "results/test.log"}  # no CSV without its JSON
+    disk_full_at(None)
+    run_main(test_script, ["--save_path", str(save), *data_args(data)])  # space freed: the rerun works
+    assert json.loads((save / "results" / "Synthetic_epoch2.json").read_text())["meta"]["epoch"] == 2
+
+
+def test_no_loadable_stage2_checkpoint(data, copy_run, monkeypatch, capsys):
+    save = copy_run("baseline")
+    for path in save.glob("image_adapter*.pth"):
+        path.write_bytes(path.read_bytes()[:500])
+    before = listing(save)
+    msg = fail(train, train_args(data, save) + ["--image_epoch", "3"], monkeypatch, capsys)
+    has(msg, str(save / "image_adapter.pth"), "damaged", "no per-epoch checkpoint loads either", "delete")
+    checkpoints = {k: v for k, v in listing(save).items() if k.endswith(".pth")}
+    assert checkpoints == {k: v for k, v in before.items() if k.endswith(".pth")}  # the run started; nothing lost

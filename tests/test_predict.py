@@ -1,7 +1,6 @@
 """predict.py gives test.py's raw per-image scores and maps, for both variants (tiny random CLIP)."""
 import csv
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -12,42 +11,12 @@ from torch.utils.data import DataLoader
 import cli
 import predict
 import test as test_script
-import train
-import train_cross_attention
 from dataset import ADDataset, load_image
 from forward_utils import PromptBank
 from model import get_tokenizer
-from conftest import tiny_synthetic
+from conftest import data_args, run_main
 
 CLASS = "disc"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_synthetic(tmp_path_factory.mktemp("data"), n_normal=2)
-
-
-def run(module, argv, monkeypatch):
-    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *argv])
-    module.main()
-
-
-def data_args(data):
-    return ["--dataset", "Synthetic", "--data_root", str(data / "syn"), "--metadata_dir", str(data / "meta"),
-            "--num_workers", "0", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
-    """A baseline and a cross-attention run (one epoch per stage)."""
-    out = tmp_path_factory.mktemp("runs")
-    mp = pytest.MonkeyPatch()
-    common = data_args(data) + ["--model", "tiny", "--image_size", "56", "--shot", "2", "--text_batch_size", "2",
-                                "--image_batch_size", "2", "--text_epoch", "1", "--image_epoch", "1"]
-    run(train, common + ["--save_path", str(out / "baseline")], mp)
-    run(train_cross_attention, common + ["--save_path", str(out / "cross_attention")], mp)
-    mp.undo()
-    return out
 
 
 def read_csv(path):
@@ -79,10 +48,11 @@ def maps_of_test_predict(variant, runs, data):
 
 @pytest.mark.parametrize("variant", ["baseline", "cross_attention"])
 def test_predict_equals_test_py(variant, runs, data, tmp_path, monkeypatch, capsys):
-    run(test_script, ["--save_path", str(runs / variant), *data_args(data)], monkeypatch)
+    run_main(test_script, ["--save_path", str(runs / variant), *data_args(data), "--epoch", "1", "--results_dir",
+                           str(tmp_path / "results")])
     suffix = "_image" if variant == "cross_attention" else ""
     expected = {str(data / "syn" / r["image_path"]): r
-                for r in read_csv(runs / variant / "results" / f"Synthetic_epoch1{suffix}_images.csv")
+                for r in read_csv(tmp_path / "results" / f"Synthetic_epoch1{suffix}_images.csv")
                 if r["class_name"] == CLASS}
 
     real_overlay, shown = predict.overlay, {}
@@ -93,12 +63,12 @@ def test_predict_equals_test_py(variant, runs, data, tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(predict, "overlay", record)
     capsys.readouterr()
-    run(predict, ["--save_path", str(runs / variant), "--images", str(data / "syn" / CLASS / "test"),
-                  "--class_name", CLASS, "--dataset", "Synthetic", "--out", str(tmp_path), "--batch_size", "3",
-                  "--num_workers", "0", "--device", "cpu"], monkeypatch)
+    run_main(predict, ["--save_path", str(runs / variant), "--images", str(data / "syn" / CLASS / "test"),
+                       "--class_name", CLASS, "--dataset", "Synthetic", "--out", str(tmp_path), "--batch_size", "3",
+                       "--epoch", "1", "--num_workers", "0", "--device", "cpu"])
     assert "RANDOM BACKBONE WEIGHTS" in capsys.readouterr().out
     rows = read_csv(tmp_path / "scores.csv")
-    assert sorted(r["image_path"] for r in rows) == sorted(expected) and len(rows) == 5
+    assert sorted(r["image_path"] for r in rows) == sorted(expected) and len(rows) == 6
     for r in rows:
         for key in ("image_score", "map_max"):
             assert float(r[key]) == pytest.approx(float(expected[r["image_path"]][key]), abs=1e-5), (r, key)
@@ -113,7 +83,7 @@ def test_predict_equals_test_py(variant, runs, data, tmp_path, monkeypatch, caps
         assert float(r["image_score"]) == pytest.approx(float(ref_score), abs=1e-5)
 
 
-def test_any_format_and_size(runs, tmp_path, monkeypatch):
+def test_any_format_and_size(runs, tmp_path):
     rng = np.random.default_rng(0)
     images = {"gray.png": rng.integers(0, 256, (37, 90), dtype=np.uint8),
               "rgba.png": rng.integers(0, 256, (50, 40, 4), dtype=np.uint8),
@@ -124,9 +94,9 @@ def test_any_format_and_size(runs, tmp_path, monkeypatch):
         (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(array).save(tmp_path / "in" / name)
     assert Image.open(tmp_path / "in" / "deep.png").mode == "I;16"
-    run(predict, ["--save_path", str(runs / "baseline"), "--images", str(tmp_path / "in"), "--class_name", "metal_nut",
-                  "--out", str(tmp_path / "out"), "--batch_size", "2", "--num_workers", "1", "--device", "cpu",
-                  "--color_range", "0", "5"], monkeypatch)
+    run_main(predict, ["--save_path", str(runs / "baseline"), "--images", str(tmp_path / "in"),
+                       "--class_name", "metal_nut", "--out", str(tmp_path / "out"), "--batch_size", "2",
+                       "--num_workers", "1", "--device", "cpu", "--color_range", "0", "5"])
     rows = read_csv(tmp_path / "out" / "scores.csv")
     assert [r["image_path"] for r in rows] == [str(tmp_path / "in" / n) for n in sorted(images)]
     assert len({r["overlay"] for r in rows}) == 5
@@ -135,19 +105,20 @@ def test_any_format_and_size(runs, tmp_path, monkeypatch):
             assert shown.size == original.size and shown.mode == "RGB"
         assert 0 <= float(r["image_score"]) <= 1
     meta = json.loads((tmp_path / "out" / "scores.json").read_text())["meta"]
-    assert (meta["prompt_name"], meta["domain"], meta["epoch"]) == ("metal nut", "Industrial", 1)
+    assert (meta["prompt_name"], meta["domain"], meta["epoch"]) == ("metal nut", "Industrial", 2)
 
 
 @pytest.mark.parametrize("script", [test_script, predict])
-def test_random_backbone_is_the_trained_one(script, runs, data, tmp_path, monkeypatch):
+def test_random_backbone_is_the_trained_one(script, runs, data, tmp_path):
     results = []
     for seed in (0, 1):
         torch.manual_seed(seed)
         if script is test_script:
-            run(script, ["--save_path", str(runs / "baseline"), *data_args(data)], monkeypatch)
-            results.append(read_csv(runs / "baseline" / "results" / "Synthetic_epoch1_images.csv"))
+            run_main(script, ["--save_path", str(runs / "baseline"), *data_args(data),
+                              "--results_dir", str(tmp_path)])
+            results.append(read_csv(tmp_path / "Synthetic_epoch2_images.csv"))
         else:
-            run(script, ["--save_path", str(runs / "baseline"), "--images", str(data / "syn" / CLASS),
-                         "--class_name", CLASS, "--out", str(tmp_path), "--num_workers", "0"], monkeypatch)
+            run_main(script, ["--save_path", str(runs / "baseline"), "--images", str(data / "syn" / CLASS),
+                         "--class_name", CLASS, "--out", str(tmp_path), "--num_workers", "0"])
             results.append(read_csv(tmp_path / "scores.csv"))
     assert results[0] == results[1]

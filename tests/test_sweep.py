@@ -1,16 +1,10 @@
-"""sweep.py on the CPU with the tiny model: 2 variants x 1 seed, finished jobs skipped, failures listed.
+"""sweep.py on the CPU with the tiny model: 2 variants x 1 seed end to end; finished jobs skipped, failures listed.
 The sweep runs in-process; its jobs are real subprocesses."""
 import sys
 
 import pytest
 
 import sweep
-from conftest import tiny_synthetic
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_synthetic(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture
@@ -24,8 +18,7 @@ def run_sweep(data, monkeypatch, capsys):
 
     def run(out, *extra, train=tiny):
         monkeypatch.setattr(sys, "argv", ["sweep.py", "--seeds", "1", "--train_dataset", "Synthetic", "--test_datasets",
-                                          "Synthetic", "--out", str(out), f"--test_flags={' '.join(data_flags)}",
-                                          *extra, "--", *train])
+                                          "Synthetic", "--out", str(out), *extra, "--", *train])
         capsys.readouterr()
         code = 0
         try:
@@ -37,38 +30,42 @@ def run_sweep(data, monkeypatch, capsys):
     return run
 
 
-def test_sweep_runs_skips_and_compares(run_sweep, tmp_path):
+def test_sweep_runs_and_compares(run_sweep, data, tmp_path):
+    """Both runs at once on the CPU; the evaluations get the training's data flags."""
     out = tmp_path / "sweep"
-    code, stdout, stderr = run_sweep(out)
+    code, stdout, stderr = run_sweep(out, "--cpu_jobs", "2")
     assert code == 0, stdout[-2000:] + stderr[-2000:]
     assert "on the cpu" in stdout and "4 jobs ran, 0 skipped" in stdout
+    command = (out / "logs" / "baseline_seed1_test_Synthetic.log").read_text().splitlines()[0]
+    assert f"--metadata_dir {data / 'meta'} --num_workers 0 --data_root {data / 'syn'}" in command
     results = {out / "baseline_seed1" / "results" / "Synthetic_epoch1.json",
                out / "cross_attention_seed1" / "results" / "Synthetic_epoch1_image.json"}
     assert all(p.exists() for p in results)
     report = (out / "compare_Synthetic.md").read_text()
     assert "| mean " in report and "baseline vs cross_attention" in report
     assert (out / "logs" / "cross_attention_seed1_train.log").read_text().startswith("$ ")
-    checkpoint = out / "baseline_seed1" / "image_adapter_1.pth"
-    mtime = checkpoint.stat().st_mtime_ns
 
     (out / "cross_attention_seed1" / "results" / "Synthetic_epoch1_image.json").unlink()
-    code, stdout, stderr = run_sweep(out)
-    assert code == 0, stderr[-2000:]
-    assert "1 jobs ran, 3 skipped" in stdout and "start cross_attention_seed1 test Synthetic" in stdout
-    assert checkpoint.stat().st_mtime_ns == mtime and all(p.exists() for p in results)
-
     code, stdout, _ = run_sweep(out, "--dry_run")
-    assert code == 0 and stdout.count("done ") == 4 and "todo" not in stdout
+    assert code == 0 and stdout.count("done ") == 3 and stdout.count("todo ") == 1
+    assert "todo cross_attention_seed1 test Synthetic" in stdout
 
 
-def test_failed_jobs_are_listed_and_nothing_is_compared(run_sweep, data, tmp_path):
+def test_failed_jobs_are_listed_and_nothing_is_compared(run_sweep, tmp_path, monkeypatch):
+    """A training job that exits 2 (a stand-in process, as a real one would after a bad --data_root): its
+    run's evaluation is not started, the failure is listed with its log, nothing is compared."""
+    real_build = sweep.build_runs
+
+    def failing_training(*args, **kwargs):
+        runs = real_build(*args, **kwargs)
+        runs[0].jobs[0].cmd = [sys.executable, "-c", "import sys; print('error: dataset root not found'); sys.exit(2)"]
+        return runs
+    monkeypatch.setattr(sweep, "build_runs", failing_training)
     out = tmp_path / "sweep"
-    bad = ["--model", "tiny", "--image_size", "56", "--data_root", str(tmp_path / "missing"), "--metadata_dir",
-           str(data / "meta"), "--num_workers", "0"]
-    code, _, stderr = run_sweep(out, "--variants", "baseline", train=bad)
+    code, stdout, stderr = run_sweep(out, "--variants", "baseline")
     assert code == 2 and "failed jobs" in stderr and "baseline_seed1 train (exit 2)" in stderr
     assert "dataset root not found" in (out / "logs" / "baseline_seed1_train.log").read_text()
-    assert not (out / "compare_Synthetic.md").exists()
+    assert "start baseline_seed1 test" not in stdout and not (out / "compare_Synthetic.md").exists()
 
 
 def test_flags_the_sweep_sets_are_refused(run_sweep, tmp_path):
@@ -77,3 +74,31 @@ def test_flags_the_sweep_sets_are_refused(run_sweep, tmp_path):
     code, _, stderr = run_sweep(tmp_path / "sweep", train=["--image_epochs", "3"])
     assert code == 2 and "unknown train flag(s) --image_epochs" in stderr
     assert not (tmp_path / "sweep").exists()
+
+
+def test_data_root_goes_only_to_tests_on_the_training_set(run_sweep, data, tmp_path):
+    code, stdout, _ = run_sweep(tmp_path / "sweep", "--test_datasets", "Synthetic", "MVTec", "--dry_run")
+    tests = {line.split(":")[0]: line for line in stdout.splitlines() if " test " in line.split(":")[0]}
+    assert code == 0 and len(tests) == 4
+    for name, line in tests.items():
+        assert f"--metadata_dir {data / 'meta'}" in line
+        assert (f"--data_root {data / 'syn'}" in line) == name.endswith("Synthetic"), line
+
+
+def test_runner_skips_done_jobs_and_stops_a_run_at_its_first_failure(tmp_path, capsys):
+    """Jobs as stand-in processes: a done job is skipped (its command never runs), a run stops at a failed
+    job, the other run goes on."""
+    def job(name, code, done=False):
+        output = tmp_path / f"{name}.out"
+        if done:
+            output.write_text("")
+        script = f"import pathlib, sys; pathlib.Path({str(output)!r}).write_text('x'); sys.exit({code})"
+        return sweep.Job(name, [sys.executable, "-c", script], output, tmp_path / "logs" / f"{name}.log")
+
+    runs = [sweep.Run("a", [job("a_train", 0, done=True), job("a_test", 0)]),
+            sweep.Run("b", [job("b_train", 3), job("b_test", 0)])]
+    outcome = sweep.Runner([None]).run_all(runs)
+    assert outcome.skipped == ["a_train"] and outcome.ran == ["a_test"]
+    assert outcome.failed == [f"b_train (exit 3): {tmp_path / 'logs' / 'b_train.log'}"]
+    assert (tmp_path / "a_train.out").read_text() == "" and not (tmp_path / "b_test.out").exists()
+    assert "skip a_train" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """train.py / train_cross_attention.py / test.py end to end on tiny synthetic data (in-process)."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,12 +15,7 @@ import engine
 import test as test_script
 import train
 import train_cross_attention
-from conftest import tiny_synthetic
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_synthetic(tmp_path_factory.mktemp("data"))
+from conftest import data_args
 
 
 def common(data):
@@ -67,33 +63,20 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path, monkey
     assert "stage 1 epoch 2/2" in log and "loaded" in log
 
 
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    """One short baseline and one short cross-attention run."""
-    out = tmp_path_factory.mktemp("runs")
-    mp = pytest.MonkeyPatch()
-    run(train, common(data) + ["--save_path", str(out / "base"), "--text_epoch", "1", "--image_epoch", "2"], mp)
-    run(train_cross_attention, common(data) + ["--save_path", str(out / "cross"), "--text_epoch", "1",
-                                               "--image_epoch", "1", "--sanity_check"], mp)
-    mp.undo()
-    return out
-
-
-def test_evaluation_of_both_variants(data, trained, monkeypatch, capsys):
-    args = ["--dataset", "Synthetic", "--data_root", str(data / "syn"), "--metadata_dir", str(data / "meta"),
-            "--num_workers", "0", "--device", "cpu"]
-    run(test_script, args + ["--save_path", str(trained / "base"), "--all_epochs", "--visualize"], monkeypatch)
+def test_evaluation_of_both_variants(data, copy_run, monkeypatch, capsys):
+    base, cross = copy_run("baseline"), copy_run("cross_attention")
+    run(test_script, data_args(data) + ["--save_path", str(base), "--all_epochs", "--visualize"], monkeypatch)
     out = capsys.readouterr().out
     assert "RANDOM BACKBONE WEIGHTS" in out and "| mean |" in out
-    results = trained / "base" / "results"
+    results = base / "results"
     for epoch in (1, 2):
         res = json.loads((results / f"Synthetic_epoch{epoch}.json").read_text())
         assert res["meta"]["random_weights"] is True and set(res["per_class"]) == {"disc", "stripes"}
         assert all(0 <= v <= 100 for m in res["per_class"].values() for v in m.values() if v is not None)
     assert len(list((results / "vis" / "Synthetic_epoch2" / "disc").glob("*.png"))) == 6
     for context in ("image", "none"):
-        run(test_script, args + ["--save_path", str(trained / "cross"), "--text_context", context], monkeypatch)
-        res = json.loads((trained / "cross" / "results" / f"Synthetic_epoch1_{context}.json").read_text())
+        run(test_script, data_args(data) + ["--save_path", str(cross), "--text_context", context], monkeypatch)
+        res = json.loads((cross / "results" / f"Synthetic_epoch1_{context}.json").read_text())
         assert res["meta"]["variant"] == f"cross_attention_{context}"
 
 
@@ -131,8 +114,10 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(data, tmp_path, monkeypatch)
         assert_same_state(state(tmp_path / "full" / name), state(tmp_path / "cut" / name))
 
 
-def start_training(argv, cwd):
-    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=cwd, stdout=subprocess.DEVNULL,
+def start_training(argv: list[str]) -> subprocess.Popen:
+    """`train.py` in a process of its own, on one thread (two of them share the two CI cores)."""
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=Path(train.__file__).parent,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -144,23 +129,38 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-def test_real_interrupt_then_resume_equals_uninterrupted(data, tmp_path, monkeypatch, how):
-    """A real `train.py` process stopped by SIGTERM (graceful save) or kill -9 (resume from the last
-    checkpoint, written every step here), then rerun, ends bit for bit where an uninterrupted run ends."""
-    argv = common(data) + ["--training_mode", "full_shot", "--text_epoch", "2", "--image_epoch", "2",
+def every_step(data):
+    """Full-shot training, 2 epochs per stage, a checkpoint after every step."""
+    return common(data) + ["--training_mode", "full_shot", "--text_epoch", "2", "--image_epoch", "2",
                            "--checkpoint_every", "1"]
-    repo = Path(train.__file__).parent
-    proc = start_training(argv + ["--save_path", str(tmp_path / "cut")], repo)
-    wait_for(tmp_path / "cut" / "text_adapter.pth", proc)
-    proc.send_signal(getattr(signal, how))
-    proc.wait(timeout=120)
-    assert proc.returncode in ((128 + signal.SIGTERM, 0) if how == "SIGTERM" else (-signal.SIGKILL, 0))
-    run(train, argv + ["--save_path", str(tmp_path / "full")], monkeypatch)
-    resumed = start_training(argv + ["--save_path", str(tmp_path / "cut")], repo)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    for name in ("text_adapter.pth", "image_adapter.pth"):
-        assert_same_state(state(tmp_path / "full" / name), state(tmp_path / "cut" / name))
+
+
+def test_real_interrupt_then_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
+    """Real `train.py` processes stopped by SIGTERM (graceful save) and by kill -9 (resume from the last
+    checkpoint, written every step here), then rerun, end bit for bit where an uninterrupted run ends."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the processes run: thread counts can change low bits
+    try:
+        interrupt_and_resume(data, tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def interrupt_and_resume(data, tmp_path, monkeypatch):
+    cuts = {how: tmp_path / how for how in ("SIGTERM", "SIGKILL")}
+    procs = {how: start_training(every_step(data) + ["--save_path", str(cut)]) for how, cut in cuts.items()}
+    for how, proc in procs.items():
+        wait_for(cuts[how] / "text_adapter.pth", proc)
+        proc.send_signal(getattr(signal, how))
+    for how, proc in procs.items():
+        proc.wait(timeout=120)
+        assert proc.returncode in ((128 + signal.SIGTERM, 0) if how == "SIGTERM" else (-signal.SIGKILL, 0))
+    run(train, every_step(data) + ["--save_path", str(tmp_path / "full")], monkeypatch)
+    for cut in cuts.values():
+        run(train, every_step(data) + ["--save_path", str(cut)], monkeypatch)
+        assert "loaded" in (cut / "train.log").read_text()
+        for name in ("text_adapter.pth", "image_adapter.pth"):
+            assert_same_state(state(tmp_path / "full" / name), state(cut / name))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ import compare
 import predict
 import test as test_script
 import train
-from conftest import tiny_synthetic
+from conftest import data_args, train_args
 from toy_variant import AnchorOffsetVariant
 from variants import VARIANTS, register
 
@@ -29,15 +29,9 @@ def toy():
     del VARIANTS[variant.name]
 
 
-def test_a_registered_variant_runs_through_every_entry_point(toy, tmp_path, monkeypatch):
-    data = tiny_synthetic(tmp_path / "data", n_normal=2)
-    common = ["--dataset", "Synthetic", "--data_root", str(data / "syn"), "--metadata_dir", str(data / "meta"),
-              "--num_workers", "0", "--device", "cpu"]
-    train_args = common + ["--model", "tiny", "--image_size", "56", "--shot", "2", "--text_batch_size", "2",
-                           "--image_batch_size", "2", "--text_epoch", "1", "--image_epoch", "1"]
-    toy_run, base_run = tmp_path / "toy", tmp_path / "base"
-    run(train, train_args + ["--variant", "anchor_offset", "--save_path", str(toy_run)], monkeypatch)
-    run(train, train_args + ["--save_path", str(base_run)], monkeypatch)
+def test_a_registered_variant_runs_through_every_entry_point(toy, data, copy_run, tmp_path, monkeypatch):
+    toy_run, base_run = tmp_path / "toy", copy_run("baseline")
+    run(train, train_args(data, toy_run) + ["--variant", "anchor_offset"], monkeypatch)
 
     ckpt = torch.load(toy_run / "text_adapter_offset.pth", weights_only=True)
     assert set(ckpt) >= {"epoch", "text_adapter", "anchor_offset", "text_optimizer"}
@@ -46,7 +40,7 @@ def test_a_registered_variant_runs_through_every_entry_point(toy, tmp_path, monk
     assert not (toy_run / "text_adapter.pth").exists()
 
     for save in (toy_run, base_run):
-        run(test_script, common + ["--save_path", str(save)], monkeypatch)
+        run(test_script, data_args(data) + ["--save_path", str(save), "--epoch", "1"], monkeypatch)
     result = json.loads((toy_run / "results" / "Synthetic_epoch1.json").read_text())
     assert result["meta"]["variant"] == "anchor_offset"
     base = json.loads((base_run / "results" / "Synthetic_epoch1.json").read_text())

@@ -36,6 +36,7 @@ from model import AdaptedCLIP, build_clip, get_tokenizer  # noqa: E402
 from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention  # noqa: E402
 from cli import RANDOM_WEIGHTS_BANNER, cli_main  # noqa: E402
 from engine import fast_image_forward, image_adapter_step, text_adapter_step  # noqa: E402
+from utils.argtypes import non_negative_int, positive_int  # noqa: E402
 
 MVTEC_CLASSES = list(get_dataset_info("MVTec")["classes"])
 
@@ -348,27 +349,39 @@ def map_agreement(model_name: str, size: int, device: torch.device, modes: list[
     return out
 
 
-@cli_main
-def main() -> None:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-L-14-336", help="open_clip model (default: %(default)s)")
-    p.add_argument("--image_size", type=int, default=518, help="input size (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    p.add_argument("--image_size", type=positive_int, default=518, help="input size (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device (default: cuda when there is one, else cpu)")
     p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"],
                    help="bf16: backbone stored in bf16 (what --precision bf16 runs); amp: bf16 autocast over the "
                         "fp32 backbone; fp32 (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per benchmark (median) (default: %(default)s)")
-    p.add_argument("--stage1_batch", type=int, default=16, help="Stage-1 batch (default: %(default)s)")
-    p.add_argument("--stage2_batches", type=int, nargs="+", default=[2, 16], help="Stage-2 batches")
-    p.add_argument("--test_batch", type=int, default=32, help="test forward batch (default: %(default)s)")
-    p.add_argument("--eval_images", type=int, default=1725, help="images of the full evaluation (0: skip)")
-    p.add_argument("--eval_batch", type=int, default=32, help="test.py --batch_size of the full evaluation")
-    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader processes")
-    p.add_argument("--work_dir", default="/tmp/aaclip_bench", help="where the synthetic set is written")
+    p.add_argument("--steps", type=positive_int, default=10,
+                   help="timed steps per benchmark (median) (default: %(default)s)")
+    p.add_argument("--stage1_batch", type=positive_int, default=16, help="Stage-1 batch (default: %(default)s)")
+    p.add_argument("--stage2_batches", type=positive_int, nargs="+", default=[2, 16],
+                   help="Stage-2 batches (default: %(default)s)")
+    p.add_argument("--test_batch", type=positive_int, default=32, help="test forward batch (default: %(default)s)")
+    p.add_argument("--eval_images", type=non_negative_int, default=1725,
+                   help="images of the full evaluation, 0 skips it (default: %(default)s)")
+    p.add_argument("--eval_batch", type=positive_int, default=32,
+                   help="test.py --batch_size of the full evaluation (default: %(default)s)")
+    p.add_argument("--workers", type=non_negative_int, default=min(16, os.cpu_count() or 1),
+                   help="loader processes (default: the CPU count, at most 16)")
+    p.add_argument("--work_dir", default="/tmp/aaclip_bench",
+                   help="where the synthetic set is written (default: %(default)s)")
     p.add_argument("--skip_steps", action="store_true", help="only the full evaluation")
     p.add_argument("--compile", action="store_true",
                    help="also time Stage 2 and the test forward in bf16 with the image forward compiled (--compile)")
-    p.add_argument("--out", default="results/benchmark", help="writes <out>.md and <out>.json")
+    p.add_argument("--out", default="results/benchmark", help="writes <out>.md and <out>.json (default: %(default)s)")
+    return p
+
+
+@cli_main
+def main() -> None:
+    p = get_parser()
     args = p.parse_args()
     device = torch.device(args.device)
     print(RANDOM_WEIGHTS_BANNER, flush=True)

@@ -62,7 +62,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--work_dir", default="/tmp/aaclip_ddp_check", help="synthetic data and runs (default: %(default)s)")
     p.add_argument("--out", default="results/ddp_check", help="writes <out>.md and <out>.json (default: %(default)s)")
     p.add_argument("--role", choices=["main", "steps"], default="main",
-                   help="internal: 'steps' is the training-step measurement that main starts in each setting")
+                   help="internal: 'steps' is the training-step measurement that main starts in each setting "
+                        "(default: %(default)s)")
     p.add_argument("--json", default=None, help="internal: where the 'steps' role writes its numbers")
     return p
 
