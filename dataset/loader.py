@@ -13,7 +13,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .common import DatasetError, get_dataset_info, parse_record
+from .common import DatasetError, parse_record, resolve_root
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -231,8 +231,9 @@ class ADDataset(Dataset):
     @classmethod
     def from_name(cls, dataset: str, root: str | None = None, metadata_dir: str = "dataset/metadata",
                   shot: int | None = None, **kw) -> "ADDataset":
-        """Load <metadata_dir>/<dataset>/{full,<shot>}-shot.jsonl; root defaults to the constants' root."""
-        root = root or get_dataset_info(dataset)["default_root"]
+        """Load <metadata_dir>/<dataset>/{full,<shot>}-shot.jsonl; root defaults to the one make_metadata
+        recorded beside the lists, else the constants' root (`resolve_root`)."""
+        root = resolve_root(root, metadata_dir, dataset)
         metadata = os.path.join(metadata_dir, dataset, "full-shot.jsonl" if shot is None else f"{shot}-shot.jsonl")
         if not os.path.isfile(metadata):
             shots = "" if shot is None else f" --shots {shot}"

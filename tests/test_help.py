@@ -1,6 +1,7 @@
 """Every flag of every script has a help text that states its default, and numeric flags refuse
 nonsense at parse time."""
 import argparse
+import sys
 
 import pytest
 
@@ -61,12 +62,14 @@ def test_evaluation_scripts_say_the_run_sets_the_model_defaults(script):
     ("--text_norm_weight", "-0.1", "-0.1 is not a finite number >= 0"),
     ("--checkpoint_every", "x", "'x' is not an integer"),
 ])
-def test_numeric_training_flags_are_checked_at_parse_time(flag, value, message, capsys):
+def test_numeric_training_flags_are_checked_at_parse_time(flag, value, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train.py", flag, value, "--save_path", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as stop:
-        train.parse_args([flag, value])
+        train.main()
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert f"error: argument {flag}" in err and message in err, err
+    assert f"error: argument {flag}" in err and message in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name,argv,flag", [
