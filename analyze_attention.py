@@ -3,18 +3,27 @@
     python analyze_attention.py --save_path ckpt/cross_attention --dataset MVTec --classes bottle cable
     python analyze_attention.py --save_path ckpt/cross_attention --dataset MVTec --prompts "a scratched {}." "a {}."
 
-The text stream after text layer 0 attends to the image context (`image_context`: Stage-1 patch features);
-a word's map is its tokens' attention rows over the patches, averaged over heads and over the word's
-BPE tokens. For each class this writes, under --out:
+The text stream after the run's text block (text layer 0 by default) attends to the image context
+(`image_context`: Stage-1 patch features and the CLS, as the run's --context_cls puts it); a word's map is
+its tokens' attention rows over the patches, averaged over heads and over the word's BPE tokens. For each
+class this writes, under --out:
 
   <class>/<image>/p<k>_<prompt>.png   the image (defect outlined) and one attention panel per word, for
                                       the first --num_images test images (anomalous first) and each prompt
-  grounding.csv, grounding.md         per class, the mean grounding ratio of the state words ("damaged",
-                                      "broken", "flaw", "defect", "damage") and of the object words (the
-                                      class's real name), over its anomalous test images with a mask
+  grounding.csv, grounding.md         per class, over its anomalous test images with a mask, for the state
+                                      words ("damaged", "broken", "flaw", "defect", "damage") and the
+                                      object words (the class's real name): the mean grounding ratio, and
+                                      the CLS part against the patch part of the cross-attention output
 
-Grounding ratio = share of the word's attention inside the defect / share of the image the defect covers
-(mask averaged per patch): 1 = no grounding, > 1 = the word attends to the defect.
+Grounding ratio = share of the word's patch attention inside the defect / share of the image the defect
+covers (mask averaged per patch): 1 = no grounding, > 1 = the word attends to the defect. With
+--context_cls token the attention on the CLS token is left out of the maps (it has no place).
+
+CLS vs patches: the value and output projections are linear, so a token's cross-attention output is a
+patch part (the attention-weighted values of the patches), a CLS part and a constant bias part. Columns
+`<c>_cls_norm` and `<c>_patch_norm` are the mean norms of the first two as added to the text stream (gate
+included), `<c>_cls_weight` the CLS's coefficient, heads averaged: 1 for --context_cls residual (every
+value carries the CLS, so its part is the same for every word), its attention weight for token, 0 for none.
 Model flags default to the ones saved in <save_path>/args.json by training.
 """
 from __future__ import annotations
@@ -68,8 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not issubclass(args.variant.model_cls, AdaptedCLIPWithCrossAttention):
         raise UserError(f"{args.save_path} holds a {args.variant.name} run, which has no cross-attention; train "
                         "one with train_cross_attention.py")
-    if args.num_images < 0:
-        raise UserError(f"--num_images must be >= 0, got {args.num_images}")
     return args
 
 
@@ -128,19 +135,42 @@ def build_prompt(tokenizer, template: str, real_name: str) -> Prompt:
 
 
 # ---------------------------------------------------------------- attention and grounding
+PARTS = ("cls_norm", "patch_norm", "cls_weight")
+
+
+def text_stream(model: AdaptedCLIPWithCrossAttention, tokens: torch.Tensor, batch: int) -> torch.Tensor:
+    """The prompts' text stream where the cross-attention reads it, repeated for `batch` images.
+    tokens: [P, 77] -> [B, P * T, Wt]."""
+    x, _ = model.text_before_cross_attn(tokens[None])
+    _, p, t, w = x.shape
+    return x.reshape(1, p * t, w).expand(batch, -1, -1)
+
+
 @torch.no_grad()
 def token_attention(model: AdaptedCLIPWithCrossAttention, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """Cross-attention of every prompt token on every image, heads averaged.
-    tokens: [P, 77], context: [B, N, D] -> [B, P, T, N] (float32, rows sum to 1 over N)."""
-    x, _ = model.text_after_first_block(tokens[None])
-    _, p, t, w = x.shape
-    x = x.reshape(1, p * t, w).expand(context.shape[0], -1, -1)
-    att = model.text_cross_attn.attention_weights(x, context).float().mean(dim=1)
-    return att.view(-1, p, t, att.shape[-1])
+    """Cross-attention of every prompt token on every image's patches, heads averaged.
+    tokens: [P, 77], context: [B, N(+1), D] -> [B, P, T, N] (float32; rows sum to 1 over N, less the
+    CLS token's weight with --context_cls token)."""
+    att = model.text_cross_attn.attention_weights(text_stream(model, tokens, context.shape[0]), context)
+    att = att.float().mean(dim=1)[..., :model.grid[0] * model.grid[1]]
+    return att.view(context.shape[0], tokens.shape[0], -1, att.shape[-1])
+
+
+@torch.no_grad()
+def token_parts(model: AdaptedCLIPWithCrossAttention, tokens: torch.Tensor, patches: torch.Tensor,
+                cls_unit: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per prompt token on every image: the norms of the CLS part and of the patch part of the (gated)
+    cross-attention output and the CLS's coefficient (`cross_attn_parts`). tokens: [P, 77],
+    patches: [B, N, D], cls_unit: [B, 1, D] -> {"cls_norm", "patch_norm", "cls_weight"}: [B, P, T] float32."""
+    patch, cls, weight = model.cross_attn_parts(text_stream(model, tokens, patches.shape[0]), patches, cls_unit)
+    shape = (patches.shape[0], tokens.shape[0], -1)
+    return {"cls_norm": cls.float().norm(dim=-1).view(shape), "patch_norm": patch.float().norm(dim=-1).view(shape),
+            "cls_weight": weight.float().view(shape)}
 
 
 def word_maps(att: torch.Tensor, words: list[tuple[str, list[int]]]) -> torch.Tensor:
-    """A word's map = mean of its tokens' rows. att: [T, N] (one image, one prompt) -> [n_words, N]."""
+    """A word's map (or value) = mean of its tokens' rows. att: [T, ...] (one image, one prompt)
+    -> [n_words, ...]."""
     return torch.stack([att[positions].mean(dim=0) for _, positions in words])
 
 
@@ -194,26 +224,38 @@ def slug(text: str, limit: int = 60) -> str:
 
 
 # ---------------------------------------------------------------- per class
-def image_ratios(prompts: list[Prompt], maps: list[torch.Tensor], mask_grid: torch.Tensor) -> dict[str, float]:
-    """One image's mean ratio per column: the groups "state" and "object", and each state word.
-    maps: per prompt [n_words, N]."""
+def column_means(prompts: list[Prompt], word_values: list[list[float]]) -> dict[str, float]:
+    """One image's mean of a per-word value per column: the groups "state" and "object", and each state
+    word. word_values: per prompt, one value per word."""
     values = defaultdict(list)
-    for prompt, m in zip(prompts, maps):
-        for i, ((word, _), group) in enumerate(zip(prompt.words, prompt.groups)):
+    for prompt, row in zip(prompts, word_values):
+        for (word, _), group, v in zip(prompt.words, prompt.groups, row):
             if group is None:
                 continue
-            r = grounding_ratio(m[i], mask_grid)
-            values[group].append(r)
+            values[group].append(v)
             if group == "state":
-                values[word.lower()].append(r)
+                values[word.lower()].append(v)
     return {k: float(np.mean(v)) for k, v in values.items()}
+
+
+def image_ratios(prompts: list[Prompt], maps: list[torch.Tensor], mask_grid: torch.Tensor) -> dict[str, float]:
+    """One image's mean grounding ratio per column (`column_means`). maps: per prompt [n_words, N]."""
+    return column_means(prompts, [[grounding_ratio(w, mask_grid) for w in m] for m in maps])
+
+
+def image_parts(prompts: list[Prompt], parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One image's `<column>_<part>` means (`column_means`) of the `token_parts`, averaged per word over its
+    tokens. parts: part -> [P, T] (one image)."""
+    return {f"{col}_{name}": v for name, values in parts.items()
+            for col, v in column_means(prompts, [word_maps(values[j], p.words).tolist()
+                                                 for j, p in enumerate(prompts)]).items()}
 
 
 def analyze_class(model: AdaptedCLIPWithCrossAttention, ds: ADDataset, class_name: str, prompts: list[Prompt],
                   tokens: torch.Tensor, args: argparse.Namespace, device: torch.device, out: Path,
                   title: str) -> dict[str, list[float]]:
     """Draws the first `num_images` images and returns, per column, the ratio of each anomalous image
-    with a non-empty mask."""
+    with a non-empty mask, and per `<column>_<part>` its CLS/patch part value (`image_parts`)."""
     idx = [i for i, s in enumerate(ds.samples) if s["class_name"] == class_name]
     drawn = set(sorted(idx, key=lambda i: ds.samples[i]["label"] == 0)[:args.num_images])
     used = [i for i in idx if i in drawn or (ds.samples[i]["label"] == 1 and ds.samples[i]["mask_path"])]
@@ -222,13 +264,16 @@ def analyze_class(model: AdaptedCLIPWithCrossAttention, ds: ADDataset, class_nam
     for n, batch in enumerate(loader):
         images = batch["image"].to(device)
         with torch.no_grad(), model.autocast():
-            att = token_attention(model, tokens, model.image_context(images)).cpu()
+            feats = model.context_features(images)
+            att = token_attention(model, tokens, model.image_context(images, feats)).cpu()
+            parts = {k: v.cpu() for k, v in token_parts(model, tokens, *model.context_parts(images, feats)).items()}
         for b, i in enumerate(used[n * args.batch_size:(n + 1) * args.batch_size]):
             sample, mask = ds.samples[i], batch["mask"][b, 0]
             maps = [word_maps(att[b, j], p.words) for j, p in enumerate(prompts)]
             has_defect = sample["label"] == 1 and bool(mask.sum() > 0)
             if has_defect:
-                for col, r in image_ratios(prompts, maps, mask_to_grid(mask, model.grid)).items():
+                ratios = image_ratios(prompts, maps, mask_to_grid(mask, model.grid))
+                for col, r in {**ratios, **image_parts(prompts, {k: v[b] for k, v in parts.items()})}.items():
                     columns[col].append(r)
             if i in drawn:
                 folder = out / class_name / slug(Path(sample["image_path"]).with_suffix("").as_posix(), 120)
@@ -247,25 +292,37 @@ def table_columns(results: dict[str, dict[str, list[float]]]) -> list[str]:
 
 
 def format_markdown(results: dict[str, dict[str, list[float]]], title: str) -> str:
-    """Rows class, columns word groups / state words, cells 'mean ratio (n images)'."""
+    """Two tables, rows class, columns word groups / state words: cells 'mean ratio (n images)', then
+    'CLS norm / patch norm (CLS coefficient)' over the same images."""
     cols = table_columns(results)
-    lines = [title, "", "| class | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    head = ["| class | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines = [title, "", *head]
     for name, values in results.items():
         cells = [f"{np.mean(values[c]):.2f} ({len(values[c])})" if values.get(c) else "n/a" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Cross-attention output: norm of its CLS part / norm of its patch part (the CLS's coefficient: 1 "
+              "for --context_cls residual, its attention weight for token, 0 for none), as added to the text "
+              "stream", "", *head]
+    for name, values in results.items():
+        cells = [" / ".join(f"{np.mean(values[f'{c}_{part}']):.3g}" for part in PARTS[:2])
+                 + f" ({np.mean(values[f'{c}_cls_weight']):.2f})" if values.get(c) else "n/a" for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_csv(results: dict[str, dict[str, list[float]]], path: Path, pretrained: str) -> None:
-    """Columns: class, then `<column>` (mean ratio, empty if no image) and `<column>_n` (images), pretrained."""
+    """Columns: class, then `<column>` (mean ratio, empty if no image) and `<column>_n` (images), then
+    `<column>_<part>` for each of `PARTS` (means over the same images), pretrained."""
     cols = table_columns(results)
+    part_cols = [f"{c}_{part}" for c in cols for part in PARTS]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["class", *(x for c in cols for x in (c, f"{c}_n")), "pretrained"])
+        w.writerow(["class", *(x for c in cols for x in (c, f"{c}_n")), *part_cols, "pretrained"])
         for name, values in results.items():
             cells = [x for c in cols for x in ((f"{np.mean(values[c]):.4f}", len(values[c])) if values.get(c)
                                                 else ("", 0))]
-            w.writerow([name, *cells, pretrained])
+            parts = [f"{np.mean(values[c]):.6g}" if values.get(c) else "" for c in part_cols]
+            w.writerow([name, *cells, *parts, pretrained])
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
@@ -286,7 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
         prompts = [build_prompt(tokenizer, t, get_real_name(args.dataset, name)) for t in templates]
         tokens = tokenizer([p.text for p in prompts]).to(device)
         results[name] = analyze_class(model, ds, name, prompts, tokens, args, device, out, f"{name} | {title}")
-    table = format_markdown(results, f"Grounding ratio (1 = none, > 1 = on the defect) | {title}")
+    table = format_markdown(results, f"Grounding ratio (1 = none, > 1 = on the defect) | {title}\n{model.describe()}")
     print("\n" + table)
     (out / "grounding.md").write_text(table + "\n")
     write_csv(results, out / "grounding.csv", args.pretrained)

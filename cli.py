@@ -153,7 +153,18 @@ def get_test_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--save_path", required=True, help="folder written by train.py or train_cross_attention.py")
     g.add_argument("--epoch", type=positive_int, default=None,
                    help="evaluate image_adapter_<epoch>.pth (default: the last epoch)")
-    g.add_argument("--all_epochs", action="store_true", help="evaluate every saved epoch, in numeric order")
+    g.add_argument("--all_epochs", action="store_true",
+                   help="evaluate every saved epoch, in numeric order, and draw the curve of their mean metrics "
+                        "(<results>/<dataset>_curve.csv and .png)")
+    g.add_argument("--select_epoch", choices=["last", "best_on_test", "heldout"], default="last",
+                   help="the epoch reported: 'last' (the last saved epoch, or --epoch K); 'best_on_test' (the epoch "
+                        "with the best --select_metric on this test set itself: optimistic, and labelled so in "
+                        "every output); 'heldout' (the best --select_metric on the held-out part of the run's "
+                        "training dataset, its full-shot list minus the few-shot list it trained on, then "
+                        "evaluated on --dataset) (default: %(default)s)")
+    from metrics import METRIC_NAMES  # here, not at the top: keeps scipy out of the training scripts' imports
+    g.add_argument("--select_metric", choices=METRIC_NAMES, default="pixel_auroc",
+                   help="the mean metric --select_epoch best_on_test / heldout maximises (default: %(default)s)")
     g.add_argument("--batch_size", type=positive_int, default=8,
                    help="images per forward pass (per process under torchrun) (default: %(default)s)")
     g.add_argument("--visualize", action="store_true",
@@ -181,8 +192,10 @@ def build_model(args: argparse.Namespace, variant: Variant, device: torch.device
             image_adapt_until=args.image_adapt_until, surgery_until_layer=args.surgery_until_layer,
             surgery_batch_mixing=args.surgery_batch_mixing, **variant.model_kwargs(args),
         )
-    except UserError as e:  # block numbers outside this backbone's depth
-        raise UserError(f"{e} for {args.model}; fix --levels / --surgery_until_layer") from None
+    except UserError as e:
+        if str(e).startswith(("levels", "surgery_until_layer")):  # block numbers beyond this backbone's depth
+            raise UserError(f"{e} for {args.model}; fix --levels / --surgery_until_layer") from None
+        raise
     if resolve_precision(args.precision, device) == "bf16":
         model.set_backbone_dtype(torch.bfloat16)
     return model.to(device)

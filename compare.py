@@ -8,7 +8,10 @@ arm; quote globs, or the shell turns each match into an arm of its own. The firs
 the Δ columns and the paired tests. For every run this reads
 `<run>/results/<dataset>_epoch<k><suffix>.json` as written by `python test.py --save_path <run> --dataset
 <dataset>`, the suffix naming the run's variant's test options (none for the baseline, `_image` or `_none`
-for cross-attention's --text_context).
+for cross-attention's --text_context); with `--selected best_on_test` or `--selected heldout`,
+`<run>/results/<dataset>_<selected><suffix>.json` as `test.py --select_epoch <selected>` wrote it. The
+report lists each result's epoch selection, and repeats in bold (and in the forest plot's title) the label
+of any result whose epoch was chosen on the test set: "epoch chosen on the test set (optimistic)".
 
 Prints Markdown tables (one per metric: classes + mean as rows, arms and Δ as columns; `mean ± std [95%
 CI]` over runs, sample std, percentile bootstrap; the mean row also with a CI over classes and the number
@@ -110,10 +113,12 @@ def parse_arm(spec: str) -> tuple[str, list[Path]]:
     return label or default_label(paths), paths
 
 
-def load_run(path: Path, dataset: str, epoch: int | None, options: argparse.Namespace) -> dict:
+def load_run(path: Path, dataset: str, epoch: int | None, options: argparse.Namespace,
+             selected: str | None = None) -> dict:
     """The result JSON of one run: `epoch`, or else the largest epoch present, of the results its variant
-    names for the test `options` (e.g. cross-attention's --text_context). Returns {path, seed, epoch, file,
-    meta, per_class, mean}."""
+    names for the test `options` (e.g. cross-attention's --text_context); with `selected` (best_on_test,
+    heldout), the result test.py's --select_epoch wrote instead. Returns {path, seed, epoch, file, meta,
+    per_class, mean}."""
     if not path.is_dir():
         raise UserError(f"{path} is not a folder")
     saved = read_saved_args(path)
@@ -121,26 +126,33 @@ def load_run(path: Path, dataset: str, epoch: int | None, options: argparse.Name
     options = copy.copy(options)
     variant.finish_test_args(options)
     suffix = variant.result_suffix(options)
-    by_epoch = {int(m.group(1)): f for f in (path / "results").glob(f"{glob.escape(dataset)}_epoch*.json")
-                if (m := re.fullmatch(rf"{re.escape(dataset)}_epoch(\d+){re.escape(suffix)}\.json", f.name))}
-    chosen = epoch if epoch is not None else max(by_epoch, default=None)
-    if chosen not in by_epoch:
-        flags = "".join(f" {flag} {getattr(options, dest)}" for dest, flag in test_flags(variant).items())
-        what = f"{dataset} result" + (f" for epoch {epoch}" if epoch is not None else "") + (
-            f" with{flags}" if flags else "")
-        have = f" (it has epochs {sorted(by_epoch)})" if by_epoch else ""
-        command = f"python test.py --save_path {path} --dataset {dataset}" + (
-            f" --epoch {epoch}" if epoch is not None else "") + flags
-        raise UserError(f"no {what} in {path / 'results'}{have}; run: {command}")
-    file = by_epoch[chosen]
+    flags = "".join(f" {flag} {getattr(options, dest)}" for dest, flag in test_flags(variant).items())
+    command = f"python test.py --save_path {path} --dataset {dataset}"
+    if selected is not None:
+        file, chosen = path / "results" / f"{dataset}_{selected}{suffix}.json", None
+        if not file.is_file():
+            raise UserError(f"no {dataset} result of --select_epoch {selected}" + (f" with{flags}" if flags else "")
+                            + f" in {path / 'results'}; run: {command} --select_epoch {selected}{flags}")
+    else:
+        by_epoch = {int(m.group(1)): f for f in (path / "results").glob(f"{glob.escape(dataset)}_epoch*.json")
+                    if (m := re.fullmatch(rf"{re.escape(dataset)}_epoch(\d+){re.escape(suffix)}\.json", f.name))}
+        chosen = epoch if epoch is not None else max(by_epoch, default=None)
+        if chosen not in by_epoch:
+            what = f"{dataset} result" + (f" for epoch {epoch}" if epoch is not None else "") + (
+                f" with{flags}" if flags else "")
+            have = f" (it has epochs {sorted(by_epoch)})" if by_epoch else ""
+            raise UserError(f"no {what} in {path / 'results'}{have}; run: {command}"
+                            + (f" --epoch {epoch}" if epoch is not None else "") + flags)
+        file = by_epoch[chosen]
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{file} is not valid JSON ({e}); rerun test.py for {path}") from None
     if not {"per_class", "mean"} <= data.keys():
         raise UserError(f"{file} lacks per_class or mean; rerun test.py for {path}")
-    return {"path": path, "seed": saved.get("seed"), "epoch": chosen, "file": file, "meta": data.get("meta", {}),
-            "per_class": data["per_class"], "mean": data["mean"]}
+    meta = data.get("meta", {})
+    return {"path": path, "seed": saved.get("seed"), "epoch": meta.get("epoch") if chosen is None else chosen,
+            "file": file, "meta": meta, "per_class": data["per_class"], "mean": data["mean"]}
 
 
 def run_rows(run: dict) -> dict[str, dict[str, float | None]]:
@@ -379,24 +391,41 @@ def random_weight_runs(arms: dict[str, Runs]) -> list[str]:
     return [str(r["path"]) for runs in arms.values() for r in runs if r["meta"].get("random_weights")]
 
 
+def selection_labels(arms: dict[str, Runs]) -> dict[str, list[str]]:
+    """The epoch-selection labels of the runs' results (test.py --select_epoch, e.g. "epoch chosen on the
+    test set (optimistic)"), each with the runs it applies to."""
+    labels: dict[str, list[str]] = {}
+    for runs in arms.values():
+        for r in runs:
+            if label := r["meta"].get("selection_label"):
+                labels.setdefault(label, []).append(str(r["path"]))
+    return labels
+
+
 def report(arms: dict[str, Runs], agg: dict[str, dict[str, dict[str, Summary]]],
            delta: dict[str, dict[str, dict[str, Delta]]], dataset: str, epoch: int | None,
-           options: argparse.Namespace, resampling: Resampling = Resampling()) -> str:
-    """The whole comparison as Markdown, from `aggregate` and `deltas`."""
+           options: argparse.Namespace, resampling: Resampling = Resampling(), selected: str | None = None) -> str:
+    """The whole comparison as Markdown, from `aggregate` and `deltas`; `selected`: the results are those
+    of test.py's --select_epoch `selected`."""
     reference = next(iter(arms))
     metrics = list(agg[reference][MEAN_ROW])
     lines = [f"# {dataset}: " + " vs ".join(arms) + f" (reference: {reference})", ""]
     if random_runs := random_weight_runs(arms):
         lines += [f"**{RANDOM_WEIGHTS_BANNER}** (runs: {', '.join(random_runs)})", ""]
+    for label, runs in selection_labels(arms).items():
+        lines += [f"**{label}** (runs: {', '.join(runs)})", ""]
     given = ", ".join(f"{k} {v}" for k, v in vars(options).items() if v is not None) or "each variant's defaults"
-    lines += [f"epoch: {'largest present' if epoch is None else epoch}; test options: {given}; values in percent, "
+    which = (f"chosen per run by test.py --select_epoch {selected}" if selected else
+             "largest present" if epoch is None else epoch)
+    lines += [f"epoch: {which}; test options: {given}; values in percent, "
               f"`mean ± std [95% CI]` over runs (sample std; percentile bootstrap, {resampling.n_resamples} "
               f"resamples, seed {resampling.seed}); Δ = arm − {reference} [95% CI over seeds: paired bootstrap; "
               f"unpaired where some run has no partner seed]; `{CLASS_CI_ROW}`: bootstrap over the per-class means "
               "(Δs); the mean row counts the classes it averages (n/a left out)", ""]
-    lines += [markdown_table(["arm", "run", "seed", "variant", "epoch", "result"],
+    lines += [markdown_table(["arm", "run", "seed", "variant", "epoch", "epoch selection", "result"],
                              [[label, str(r["path"]), str(r["seed"]), str(r["meta"].get("variant", "?")),
-                               str(r["epoch"]), r["file"].name] for label, runs in arms.items() for r in runs]), ""]
+                               str(r["epoch"]), str(r["meta"].get("epoch_selection", "not recorded")), r["file"].name]
+                              for label, runs in arms.items() for r in runs]), ""]
     for metric in metrics:
         lines += [f"## {metric}", "", metric_table(arms, agg, delta, metric), ""]
     if len(arms) > 1:
@@ -464,6 +493,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset whose results to compare, e.g. MVTec")
     p.add_argument("--epoch", type=int, default=None,
                    help="compare this epoch's results (default: the largest epoch evaluated, per run)")
+    p.add_argument("--selected", choices=["best_on_test", "heldout"], default=None,
+                   help="compare the results test.py --select_epoch best_on_test / heldout wrote, each run at the "
+                        "epoch it chose; best_on_test results are labelled 'epoch chosen on the test set "
+                        "(optimistic)' in the report (default: the per-epoch results, see --epoch)")
     p.add_argument("--metrics", nargs="+", choices=METRIC_NAMES, default=METRIC_NAMES, metavar="METRIC",
                    help=f"metrics to compare, in this order (default: all of {', '.join(METRIC_NAMES)})")
     p.add_argument("--bootstrap", type=int, default=Resampling().n_resamples, metavar="N",
@@ -483,6 +516,8 @@ def main() -> None:
     args = get_parser().parse_args()
     if args.bootstrap < 1:
         raise UserError(f"--bootstrap {args.bootstrap}: give at least 1 resample (thousands for a stable interval)")
+    if args.selected and args.epoch is not None:
+        raise UserError(f"--epoch {args.epoch} and --selected {args.selected} contradict each other; drop one")
     resampling = Resampling(args.bootstrap, args.seed)
     options = argparse.Namespace(**{dest: getattr(args, dest) for variant in VARIANTS.values()
                                     for dest in test_flags(variant)})
@@ -491,10 +526,10 @@ def main() -> None:
         label, paths = parse_arm(spec)
         if label in arms:
             raise UserError(f"two arms are labelled '{label}'; name them with label=path")
-        arms[label] = [load_run(p, args.dataset, args.epoch, options) for p in paths]
+        arms[label] = [load_run(p, args.dataset, args.epoch, options, args.selected) for p in paths]
     agg = aggregate(arms, args.metrics, resampling)
     delta = deltas(arms, agg, resampling)
-    text = report(arms, agg, delta, args.dataset, args.epoch, options, resampling)
+    text = report(arms, agg, delta, args.dataset, args.epoch, options, resampling, args.selected)
     print(text)
     out = Path(args.out or f"results/compare_{args.dataset}")
     ensure_writable_dir(out.parent, "--out")
@@ -508,6 +543,8 @@ def main() -> None:
         title = f"{args.dataset}: Δ vs {reference} with 95% bootstrap intervals"
         if random_weight_runs(arms):
             title += f"\n{RANDOM_WEIGHTS_BANNER}"
+        for label in selection_labels(arms):
+            title += f"\n{label}"
         saved.append(out.parent / f"{out.name}_forest.png")
         write_output(forest_plot(delta, check_classes(arms), args.metrics, title), saved[-1], "--out")
     print("saved " + ", ".join(map(str, saved)))

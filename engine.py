@@ -22,10 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from cli import (OPERATIONAL_KEYS, RANDOM_WEIGHTS_BANNER, build_model, load_dataset, make_bank, metadata_file,
-                 resolve_precision, training_shot)
+from cli import (OPERATIONAL_KEYS, RANDOM_WEIGHTS_BANNER, build_model, get_train_parser, load_dataset, make_bank,
+                 metadata_file, resolve_precision, training_shot)
 from dataset import ADDataset
-from forward_utils import AnchorFn, PromptBank, Variant, stage1_loss, stage2_loss
+from forward_utils import (STAGE1_TERMS, STAGE2_TERMS, AnchorFn, PromptBank, Variant, stage1_loss_terms,
+                           stage2_loss_terms, total_loss)
 from model import AdaptedCLIP
 from utils.distributed import (barrier, gather_objects, init_distributed, is_main, max_over_ranks, rank, rank_seed,
                                same_outcome, seed_everything, shard, world_size)
@@ -134,6 +135,15 @@ class GradMean:
         dist.all_reduce(buf)
         return buf[0] / buf[1]
 
+    def global_means(self, local_means: torch.Tensor | None, n: int, size: int) -> torch.Tensor:
+        """`global_mean` of `size` quantities at once (one all_reduce): local_means [size] over this rank's
+        `n` samples (None when n = 0) -> [size] over the global batch; detached."""
+        device = self.params[0].device
+        local = local_means.detach().float() * n if n else torch.zeros(size, device=device)
+        buf = torch.cat([local, torch.full((1,), float(n), device=device)])
+        dist.all_reduce(buf)
+        return buf[:-1] / buf[-1]
+
     def reduce(self, loss: torch.Tensor | None, n: int) -> torch.Tensor:
         """Replaces each gradient by the global batch's and returns the global batch's loss (detached);
         `loss` is this rank's (None when n = 0, without a backward)."""
@@ -162,12 +172,13 @@ def orthogonality_surrogate(anchors: torch.Tensor | None, grad_mean: GradMean) -
 
 def text_adapter_step(model: AdaptedCLIP, batch: dict | None, optimizer: torch.optim.Optimizer,
                       anchor_fn: AnchorFn, args: argparse.Namespace, device: torch.device,
-                      grad_mean: GradMean | None = None) -> torch.Tensor:
+                      grad_mean: GradMean | None = None, history: StageHistory | None = None) -> torch.Tensor:
     """One Stage-1 step. Stage-1 features are computed without gradient; the anchors (and so the text
     side) get the gradient. Returns the detached loss. Under torchrun `batch` is this rank's slice of the
-    global batch (None when empty) and `grad_mean` makes the step and the loss the global batch's."""
+    global batch (None when empty) and `grad_mean` makes the step and the loss the global batch's.
+    `history` records the step's loss terms and gradient norms."""
     optimizer.zero_grad(set_to_none=True)
-    loss, anchors = None, None
+    loss, anchors, terms = None, None, None
     if batch is not None:
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True)
@@ -176,12 +187,16 @@ def text_adapter_step(model: AdaptedCLIP, batch: dict | None, optimizer: torch.o
             with torch.no_grad():
                 feats, _ = model.stage1_features(images)
             anchors = anchor_fn(images, class_idx, feats)
-            loss = stage1_loss(feats, anchors, masks, model.grid, args.stage1_all_levels,
-                               args.text_norm_weight if grad_mean is None else 0.0)
+            terms = stage1_loss_terms(feats, anchors, masks, model.grid, args.stage1_all_levels,
+                                      args.text_norm_weight if grad_mean is None else 0.0)
+            loss = total_loss(terms)
     if grad_mean is not None and args.text_norm_weight:
         ortho = orthogonality_surrogate(None if anchors is None else anchors.float(), grad_mean)
-        loss = None if loss is None else loss + args.text_norm_weight * ortho
-    return _backward_and_step(loss, batch, optimizer, grad_mean)
+        if loss is not None:
+            # The surrogate replaces the local term (weighted by 0 above), in the log as in the loss.
+            terms["orthogonality"] = args.text_norm_weight * ortho
+            loss = loss + terms["orthogonality"]
+    return _backward_and_step(loss, batch, optimizer, grad_mean, history, terms)
 
 
 ImageForwardFn = Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
@@ -258,11 +273,13 @@ def fast_image_forward(model: AdaptedCLIP, compile: bool = False, cuda_graph_bat
 def image_adapter_step(model: AdaptedCLIP, batch: dict | None, optimizer: torch.optim.Optimizer,
                        scheduler: torch.optim.lr_scheduler.LRScheduler, anchor_fn: AnchorFn,
                        device: torch.device, grad_mean: GradMean | None = None,
-                       image_forward: ImageForwardFn | None = None) -> torch.Tensor:
-    """One Stage-2 step (the scheduler steps per iteration). Returns the detached loss; `batch` and
-    `grad_mean` as in `text_adapter_step`; `image_forward` replaces `model(images)` (`fast_image_forward`)."""
+                       image_forward: ImageForwardFn | None = None,
+                       history: StageHistory | None = None) -> torch.Tensor:
+    """One Stage-2 step (the scheduler steps per iteration). Returns the detached loss; `batch`,
+    `grad_mean` and `history` as in `text_adapter_step`; `image_forward` replaces `model(images)`
+    (`fast_image_forward`)."""
     optimizer.zero_grad(set_to_none=True)
-    loss = None
+    loss, terms = None, None
     if batch is not None:
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True)
@@ -272,19 +289,25 @@ def image_adapter_step(model: AdaptedCLIP, batch: dict | None, optimizer: torch.
             with torch.no_grad():
                 anchors = anchor_fn(images, class_idx)
             seg_tokens, det_token = (image_forward or model)(images)
-            loss = stage2_loss(seg_tokens, det_token, anchors, masks, labels, model.grid)
-    loss = _backward_and_step(loss, batch, optimizer, grad_mean)
+            terms = stage2_loss_terms(seg_tokens, det_token, anchors, masks, labels, model.grid)
+            loss = total_loss(terms)
+    loss = _backward_and_step(loss, batch, optimizer, grad_mean, history, terms)
     scheduler.step()
     return loss
 
 
 def _backward_and_step(loss: torch.Tensor | None, batch: dict | None, optimizer: torch.optim.Optimizer,
-                       grad_mean: GradMean | None) -> torch.Tensor:
-    """Backward (skipped for an empty slice), the gradient average across ranks, the optimizer step."""
+                       grad_mean: GradMean | None, history: StageHistory | None = None,
+                       terms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Backward (skipped for an empty slice), the gradient average across ranks, the step's record in
+    `history` (of the gradients the optimizer is about to apply), the optimizer step."""
     if loss is not None:
         loss.backward()
+    n = 0 if batch is None else len(batch["image"])
     if grad_mean is not None:
-        loss = grad_mean.reduce(loss, 0 if batch is None else len(batch["image"]))
+        loss = grad_mean.reduce(loss, n)
+    if history is not None:
+        history.record_step(terms, n, grad_mean)
     optimizer.step()
     return loss.detach()
 
@@ -371,10 +394,127 @@ def save_checkpoint(ckpt: dict, ckpt_path: Path, epoch: int | None) -> None:
                         "checkpoints are whole: free some space and run the same command to resume") from None
 
 
+def group_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of the gradients of `params` taken as one vector (parameters without a gradient left
+    out): per-tensor norms in one fused kernel, then their norm. -> [] float32 on the parameters' device,
+    not read back (no sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+HISTORY_FILE = "metrics.jsonl"  # in a run's folder: one JSON line per epoch of each stage
+
+
+class StageHistory:
+    """One stage's training history as data: after every epoch one line of `<save_path>/metrics.jsonl`,
+    {stage, epoch, steps, global_step, loss, loss_terms, lr, grad_norm, grad_norm_ratio, recorded_steps,
+    images, images_per_s, time_s, finished}. `loss` is the epoch's mean loss (the train.log line's),
+    `loss_terms` the means of its terms (they add up to it; weighted as in the loss), `lr` each parameter
+    group's learning rate at the epoch's end, `grad_norm` the mean over the steps of each module group's
+    gradient norm (of the gradient the optimizer applied: after the average across ranks, before the step,
+    unclipped), `grad_norm_ratio` each further group's mean norm over the first group's.
+
+    A step's terms and norms are added to sums on the device and read once at the epoch's end, so that
+    recording never makes a step wait for the GPU. Mid-epoch checkpoints keep the sums (`state`): an
+    epoch resumed mid-way is recorded whole, its time without the pause."""
+
+    def __init__(self, stage: str, terms: tuple[str, ...], groups: dict[str, list[nn.Parameter]],
+                 optimizer: torch.optim.Optimizer, path: Path):
+        self.stage, self.terms, self.optimizer, self.path = stage, terms, optimizer, path
+        self.groups = {name: list(params) for name, params in groups.items()}
+        self.device = next(iter(self.groups.values()))[0].device
+        self.start_epoch()
+
+    def start_epoch(self, saved: dict | None = None) -> None:
+        """Empty sums, or the ones `state` saved in a mid-epoch checkpoint."""
+        saved = saved or {}
+        self.term_sums = torch.tensor(saved.get("term_sums", [0.0] * len(self.terms)), dtype=torch.float64,
+                                      device=self.device)  # [terms]
+        self.norm_sums = torch.tensor(saved.get("norm_sums", [0.0] * len(self.groups)), dtype=torch.float64,
+                                      device=self.device)  # [groups]
+        self.steps, self.images = int(saved.get("steps", 0)), int(saved.get("images", 0))
+        self.seconds, self.started = float(saved.get("seconds", 0.0)), time.perf_counter()
+
+    def record_step(self, terms: dict[str, torch.Tensor] | None, n: int, grad_mean: GradMean | None) -> None:
+        """Adds a step's loss terms (scalars over this rank's `n` samples; None for an empty slice) and the
+        gradient norm of each group. Under torchrun the terms become the global batch's (one all_reduce)
+        and the gradients already are."""
+        values = None if terms is None else torch.stack([terms[k].detach().float() for k in self.terms])
+        if grad_mean is not None:
+            values = grad_mean.global_means(values, n, len(self.terms))
+        self.term_sums += values
+        self.norm_sums += torch.stack([group_grad_norm(params) for params in self.groups.values()])
+        self.steps += 1
+
+    def count_images(self, n: int) -> None:
+        """A step's images (the global batch's)."""
+        self.images += n
+
+    def state(self) -> dict:
+        """The epoch's sums so far, for a mid-epoch checkpoint (reads the device)."""
+        return {"term_sums": self.term_sums.tolist(), "norm_sums": self.norm_sums.tolist(), "steps": self.steps,
+                "images": self.images, "seconds": self.seconds + time.perf_counter() - self.started}
+
+    def finish_epoch(self, epoch: int, steps: int, loss: float) -> dict:
+        """The record of epoch `epoch` (1-based) of `steps` steps whose mean loss is `loss`."""
+        seconds = self.seconds + time.perf_counter() - self.started
+        sums = torch.cat([self.term_sums, self.norm_sums]).tolist()  # the epoch's one read of the device
+        per_step = [v / max(1, self.steps) for v in sums]
+        norms = dict(zip(self.groups, per_step[len(self.terms):]))
+        first, *others = norms
+        return {"stage": self.stage, "epoch": epoch, "steps": steps, "global_step": epoch * steps, "loss": loss,
+                "loss_terms": dict(zip(self.terms, per_step[:len(self.terms)])),
+                "lr": [float(g["lr"]) for g in self.optimizer.param_groups], "grad_norm": norms,
+                "grad_norm_ratio": {f"{g}/{first}": norms[g] / norms[first] if norms[first] else None for g in others},
+                "recorded_steps": self.steps, "images": self.images,
+                "images_per_s": self.images / seconds if seconds > 0 else None, "time_s": seconds,
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def gradient_line(self, record: dict) -> str | None:
+        """train.log's line on the gradient norms of a stage that trains several module groups."""
+        if not record["grad_norm_ratio"]:
+            return None
+        norms = ", ".join(f"{g} {v:.3g}" for g, v in record["grad_norm"].items())
+        ratios = ", ".join(f"{k} {'n/a' if v is None else format(v, '.3g')}" for k, v in record["grad_norm_ratio"].items())
+        return f"{self.stage} epoch {record['epoch']}: mean gradient norm {norms}; ratio {ratios}"
+
+    def append(self, record: dict) -> None:
+        """Appends `record` as one line, flushed and synced to disk: a crash leaves whole lines, or a torn
+        last one that the next `forget_after` drops. Rank 0 only."""
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise UserError(f"cannot write {self.path} ({e.strerror or e}); free some space and run the same command "
+                            "to resume") from None
+
+    def forget_after(self, epoch: int) -> None:
+        """Drops this stage's lines of the epochs after `epoch` (the ones a resumed run records again) and
+        torn lines, so that each (stage, epoch) is in the file once however often the run was stopped.
+        The file is rewritten atomically, and only when a line goes. Rank 0 only."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if not self._superseded(line, epoch)]
+        if kept != lines:
+            write_output("".join(kept), self.path, "--save_path")
+
+    def _superseded(self, line: str, epoch: int) -> bool:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return True
+        return not line.endswith("\n") or (record.get("stage") == self.stage and record.get("epoch", 0) > epoch)
+
+
 def run_stage(
     name: str, ckpt_path: Path, state: dict, epochs: int, ds: ADDataset, batch_size: int,
     step_fn: Callable[[dict], torch.Tensor], args: argparse.Namespace, seed: int, logger: logging.Logger,
-    keep_each_epoch: bool = False,
+    keep_each_epoch: bool = False, history: StageHistory | None = None,
 ) -> None:
     """The training loop of one stage, resumable at any step.
 
@@ -389,6 +529,10 @@ def run_stage(
     same file. Dropout (the only randomness of a step) draws from a per-rank seed of (seed, epoch, rank),
     and mid-epoch checkpoints hold each rank's RNG state: a resume with the same number of processes is
     exact; with another number, dropout is reseeded per rank.
+
+    `history` (which the step function also records into) gets each epoch's line of metrics.jsonl,
+    written before the epoch's checkpoint: a run stopped in between redoes the epoch, and its line is
+    dropped and written again.
     """
     start_epoch, start_step, loss_sum = 0, 0, 0.0
     with same_outcome():
@@ -419,6 +563,11 @@ def run_stage(
                 atomic_save(ckpt, epoch_file)
                 logger.info(f"{name}: wrote the missing {epoch_file.name} from {ckpt_file.name}")
         barrier()
+    if history is not None:
+        with same_outcome():
+            if is_main():
+                history.forget_after(start_epoch)
+    resumed_history = ckpt.get("history") if ckpt is not None and start_step else None
 
     def read_loss(step: int, loss_t: torch.Tensor, epoch: int, bar: tqdm) -> float:
         loss = float(loss_t)
@@ -429,19 +578,26 @@ def run_stage(
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # a refresh here would ignore the bar's interval
         return loss
 
-    def save(epoch: int, step: int, total: float, keep: bool = False) -> None:
+    def save(epoch: int, step: int, total: float, keep: bool = False, record: dict | None = None) -> None:
         ckpt = {"epoch": epoch, **{k: v.state_dict() for k, v in state.items()}}
         if step:
             ckpt.update(step=step, loss_sum=total, rng=_rng_state())
             if world_size() > 1:
                 ckpt["rng_ranks"] = gather_objects(_rng_state())
+            if history is not None:
+                ckpt["history"] = history.state()
         with same_outcome():
             if is_main():
+                if record is not None:
+                    history.append(record)
                 save_checkpoint(ckpt, ckpt_path, epoch if keep else None)
 
     for epoch in range(start_epoch, epochs):
         if start_step == 0:
             seed_everything(rank_seed(seed + epoch, rank()))
+        if history is not None:
+            history.start_epoch(resumed_history)
+            resumed_history = None
         loader = make_loader(ds, batch_size, seed + epoch, args.num_workers, start_step)
         n_steps = start_step + len(loader)
         bar = progress(loader, f"{name} epoch {epoch + 1}/{epochs}", enabled=is_main(), initial=start_step,
@@ -449,6 +605,8 @@ def run_stage(
         pending: tuple[int, torch.Tensor] | None = None
         for step, batch in enumerate(bar, start=start_step + 1):
             loss_t = step_fn(batch)
+            if history is not None:
+                history.count_images(min(batch_size, len(ds) - (step - 1) * batch_size))
             # Reading a loss waits for the GPU; reading the previous step's lets this step queue first.
             if pending is not None:
                 loss_sum += read_loss(*pending, epoch, bar)
@@ -464,8 +622,12 @@ def run_stage(
                 sys.exit(128 + signum)
         if pending is not None:
             loss_sum += read_loss(*pending, epoch, bar)
-        save(epoch + 1, 0, 0.0, keep=keep_each_epoch)
-        logger.info(f"{name} epoch {epoch + 1}/{epochs}: loss {loss_sum / max(1, n_steps):.4f}")
+        loss = loss_sum / max(1, n_steps)
+        record = None if history is None else history.finish_epoch(epoch + 1, n_steps, loss)
+        save(epoch + 1, 0, 0.0, keep=keep_each_epoch, record=record)
+        logger.info(f"{name} epoch {epoch + 1}/{epochs}: loss {loss:.4f}")
+        if record is not None and (line := history.gradient_line(record)):
+            logger.info(line)
         start_step, loss_sum = 0, 0.0
 
 
@@ -497,6 +659,8 @@ def config_differences(saved: dict, config: dict, stage2_started: bool) -> list[
         if key in OPERATIONAL_KEYS or key in ("manifest", "starts") or key not in saved:
             continue
         before = saved[key]
+        if key == "precision" and before == "auto":  # written by a version that saved the flag, not its value
+            continue
         if key == "pretrained" and old_manifest is not None:
             a, b = old_manifest.get("weights_sha256"), new_manifest["weights_sha256"]
             if (a, b) != (None, None):  # a weight file on either side: same bytes, wherever it lies now
@@ -521,12 +685,15 @@ def config_differences(saved: dict, config: dict, stage2_started: bool) -> list[
     return diffs
 
 
-def check_rerun(save_dir: Path, config: dict) -> None:
+def check_rerun(save_dir: Path, config: dict, variant: Variant) -> None:
     """Refuses to continue a run in `save_dir` whose args.json differs from `config` in a setting that
-    changes results; the message lists each difference and the ways out."""
+    changes results; the message lists each difference and the ways out. A flag that an older args.json
+    lacks counts with its default, which is what that run was trained with."""
     saved = read_saved_args(save_dir)
     if not saved:
         return
+    parser = get_train_parser(variant, "")
+    saved = {**{a.dest: parser.get_default(a.dest) for a in parser._actions if a.dest != "help"}, **saved}
     stage2_started = any(save_dir.glob("image_adapter*.pth"))
     diffs = config_differences(saved, config, stage2_started)
     if diffs:
@@ -566,7 +733,9 @@ class Run:
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type: type | None, *exc) -> None:
+        if exc_type is None:
+            self.logger.info(f"loss curves: python -m tools.plot_history --save_path {self.save_dir}")
         if self.lock is not None:
             self.lock.release()
 
@@ -599,7 +768,7 @@ def _start_run(args: argparse.Namespace, variant: Variant, build: Callable, devi
         if save_dir.is_dir() and is_main():
             lock.acquire()
         config = run_config(args, variant, device)
-        check_rerun(save_dir, config)
+        check_rerun(save_dir, config, variant)
         seed_everything(args.seed)
         model = build(args, variant, device)
         bank = make_bank(args, device)
@@ -610,7 +779,7 @@ def _start_run(args: argparse.Namespace, variant: Variant, build: Callable, devi
                 ensure_writable_dir(save_dir)
                 if lock.file is None:  # a new folder: another run may have made it meanwhile
                     lock.acquire()
-                    check_rerun(save_dir, config)
+                    check_rerun(save_dir, config, variant)
                 lock.record_pid()
                 remove_stale_temporaries(save_dir)
                 write_args(save_dir, config)
@@ -659,11 +828,13 @@ def train_text_adapter(run: Run) -> None:
         params = [p for m in modules.values() for p in m.parameters()]
         optimizer = torch.optim.Adam(params, lr=args.text_lr, betas=(0.5, 0.999))
         grad_mean = GradMean(params) if world_size() > 1 else None
+        history = StageHistory("stage 1", STAGE1_TERMS, {k: list(m.parameters()) for k, m in modules.items()},
+                               optimizer, run.save_dir / HISTORY_FILE)
         model.train()
         run_stage("stage 1", run.save_dir / run.variant.text_ckpt, {**modules, "text_optimizer": optimizer},
                   args.text_epoch, ds, args.text_batch_size,
-                  lambda b: text_adapter_step(model, b, optimizer, anchor_fn, args, run.device, grad_mean),
-                  args, args.seed, run.logger)
+                  lambda b: text_adapter_step(model, b, optimizer, anchor_fn, args, run.device, grad_mean, history),
+                  args, args.seed, run.logger, history=history)
     for m in modules.values():
         m.requires_grad_(False)
 
@@ -680,10 +851,13 @@ def train_image_adapter(run: Run) -> None:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[16000, 32000], gamma=0.5)
     state = {"image_adapter": model.image_adapter, "image_optimizer": optimizer, "image_scheduler": scheduler}
     grad_mean = GradMean(list(model.image_adapter.parameters())) if world_size() > 1 else None
+    history = StageHistory("stage 2", STAGE2_TERMS, {"image_adapter": list(model.image_adapter.parameters())},
+                           optimizer, run.save_dir / HISTORY_FILE)
     model.train()
     graphs = run.device.type == "cuda" and not args.no_cuda_graph
     forward = fast_image_forward(model, args.compile,
                                  len(shard(args.image_batch_size, world_size(), rank())) if graphs else None)
     run_stage("stage 2", run.save_dir / "image_adapter.pth", state, args.image_epoch, ds, args.image_batch_size,
-              lambda b: image_adapter_step(model, b, optimizer, scheduler, anchor_fn, run.device, grad_mean, forward),
-              args, args.seed + 10_000, run.logger, keep_each_epoch=True)
+              lambda b: image_adapter_step(model, b, optimizer, scheduler, anchor_fn, run.device, grad_mean, forward,
+                                           history),
+              args, args.seed + 10_000, run.logger, keep_each_epoch=True, history=history)

@@ -161,27 +161,58 @@ def orthogonality_loss(anchors: torch.Tensor) -> torch.Tensor:
     return ((anchors[:, :, 0] * anchors[:, :, 1]).sum(dim=1).mean()) ** 2
 
 
-def stage1_loss(
+STAGE1_TERMS = ("seg", "orthogonality")  # the keys of `stage1_loss_terms`, in the order they are added
+STAGE2_TERMS = ("det", "seg")  # the keys of `stage2_loss_terms`
+
+
+def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The terms added in their order: the loss the optimizer follows. -> scalar."""
+    first, *rest = terms.values()
+    for term in rest:
+        first = first + term
+    return first
+
+
+def stage1_loss_terms(
     feats: list[torch.Tensor], anchors: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
     all_levels: bool = False, text_norm_weight: float = 0.1,
-) -> torch.Tensor:
-    """Stage-1 loss: seg loss of the last level only (the original's behaviour: its loop assigned
-    instead of adding) or, with `all_levels`, summed over levels; plus the orthogonality term.
+) -> dict[str, torch.Tensor]:
+    """The terms of `stage1_loss` (scalars): "seg", the seg loss of the last level only (the original's
+    behaviour: its loop assigned instead of adding) or, with `all_levels`, summed over levels; and
+    "orthogonality", the orthogonality term times `text_norm_weight`.
     feats: levels x [B, N, D], anchors: [B, D, 2], mask: [B, 1, S, S]."""
     size = mask.shape[-1]
     used = feats if all_levels else feats[-1:]
     seg = sum(calculate_seg_loss(calculate_similarity_map(f, anchors, grid, size), mask) for f in used)
-    return seg + text_norm_weight * orthogonality_loss(anchors.float())
+    return {"seg": seg, "orthogonality": text_norm_weight * orthogonality_loss(anchors.float())}
+
+
+def stage1_loss(
+    feats: list[torch.Tensor], anchors: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
+    all_levels: bool = False, text_norm_weight: float = 0.1,
+) -> torch.Tensor:
+    """Stage-1 loss: the sum of `stage1_loss_terms` (seg + weighted orthogonality). -> scalar."""
+    return total_loss(stage1_loss_terms(feats, anchors, mask, grid, all_levels, text_norm_weight))
+
+
+def stage2_loss_terms(
+    seg_tokens: list[torch.Tensor], det_token: torch.Tensor, anchors: torch.Tensor, mask: torch.Tensor,
+    label: torch.Tensor, grid: tuple[int, int],
+) -> dict[str, torch.Tensor]:
+    """The terms of `stage2_loss` (scalars): "det", the cross-entropy of `det_token @ T` against the label,
+    and "seg", the seg loss summed over levels. seg_tokens: levels x [B, N, D], det_token: [B, D],
+    anchors: [B, D, 2], mask: [B, 1, S, S], label: [B]."""
+    size = mask.shape[-1]
+    seg = sum(calculate_seg_loss(calculate_similarity_map(f, anchors, grid, size), mask) for f in seg_tokens)
+    return {"det": F.cross_entropy(image_logits(det_token, anchors), label), "seg": seg}
 
 
 def stage2_loss(
     seg_tokens: list[torch.Tensor], det_token: torch.Tensor, anchors: torch.Tensor, mask: torch.Tensor,
     label: torch.Tensor, grid: tuple[int, int],
 ) -> torch.Tensor:
-    """Cross-entropy of `det_token @ T` against the label plus the seg loss summed over levels."""
-    size = mask.shape[-1]
-    seg = sum(calculate_seg_loss(calculate_similarity_map(f, anchors, grid, size), mask) for f in seg_tokens)
-    return F.cross_entropy(image_logits(det_token, anchors), label) + seg
+    """Stage-2 loss: the sum of `stage2_loss_terms` (det + seg). -> scalar."""
+    return total_loss(stage2_loss_terms(seg_tokens, det_token, anchors, mask, label, grid))
 
 
 class Variant:

@@ -6,8 +6,8 @@ import argparse
 import torch
 
 from forward_utils import AnchorFn, PromptBank, Variant, anchors_from_embeddings, class_anchor_fn
-from model.adapter_cross_attention import AdaptedCLIPWithCrossAttention
-from utils.argtypes import positive_int, probability
+from model.adapter_cross_attention import CONTEXT_CLS, GATES, AdaptedCLIPWithCrossAttention
+from utils.argtypes import non_negative_int, positive_int, probability
 
 
 def get_vision_aware_text_embedding(
@@ -34,8 +34,9 @@ def cross_attention_anchor_fn(model: AdaptedCLIPWithCrossAttention, bank: Prompt
 
 
 class CrossAttentionVariant(Variant):
-    """Text tokens attend to the image's Stage-1 patch features (`image_context`) after text layer 0; Stage 1
-    trains `text_adapter` and `text_cross_attn` together."""
+    """Text tokens attend to the image's Stage-1 patch features (`image_context`) after text layer 0 (by
+    default: the plan; the ablation flags move it); Stage 1 trains `text_adapter` and `text_cross_attn`
+    together."""
 
     name = "cross_attention"
     train_script = "train_cross_attention.py"
@@ -43,7 +44,10 @@ class CrossAttentionVariant(Variant):
     text_ckpt = "text_adapter_cross_attn.pth"
     text_modules = ("text_adapter", "text_cross_attn")
     needs_text_stage = True
-    model_keys = ("cross_attn_heads", "cross_attn_dropout")
+    # Saved flags that build the model, each a keyword of `AdaptedCLIPWithCrossAttention`. A run saved before
+    # a flag existed loads with the flag's default, which is the plan's.
+    model_keys = ("cross_attn_heads", "cross_attn_dropout", "cross_attn_gate", "context_cls", "context_level",
+                  "cross_attn_after")
 
     def add_train_args(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("cross-attention")
@@ -51,6 +55,19 @@ class CrossAttentionVariant(Variant):
                        help="cross-attention heads (default: %(default)s)")
         g.add_argument("--cross_attn_dropout", type=probability, default=0.1,
                        help="attention dropout (default: %(default)s)")
+        g.add_argument("--cross_attn_gate", choices=GATES, default="none",
+                       help="none: the plan's residual x + CA(x); tanh: x + tanh(a) CA(x), a learnable scalar a "
+                            "starting at 0 (Flamingo), so that with --init_text_adapter the run starts exactly at "
+                            "the baseline's anchors (default: %(default)s)")
+        g.add_argument("--context_cls", choices=CONTEXT_CLS, default="residual",
+                       help="how the image's CLS embedding enters the context: added to every patch (the plan), as "
+                            "one extra key/value token, or not at all (default: %(default)s)")
+        g.add_argument("--context_level", type=non_negative_int, default=0,
+                       help="the Stage-1 level that gives the context, an index into the levels: 0 = the first "
+                            "(block 6 of ViT-L, the plan) (default: %(default)s)")
+        g.add_argument("--cross_attn_after", type=non_negative_int, default=0,
+                       help="the 0-based text block the module follows, before that block's adapter: 0 = after "
+                            "text layer 0 (the plan) (default: %(default)s)")
         g.add_argument("--init_text_adapter", default=None,
                        help="start Stage 1 from a trained baseline text_adapter.pth (only the new module starts "
                             "from scratch)")
@@ -69,7 +86,7 @@ class CrossAttentionVariant(Variant):
         args.text_context = args.text_context or "image"
 
     def model_kwargs(self, args: argparse.Namespace) -> dict:
-        return {"cross_attn_heads": args.cross_attn_heads, "cross_attn_dropout": args.cross_attn_dropout}
+        return {key: getattr(args, key) for key in self.model_keys}
 
     def anchor_fn(self, model: AdaptedCLIPWithCrossAttention, bank: PromptBank, args: argparse.Namespace,
                   stage: str, text_trained: bool = True) -> AnchorFn:

@@ -1,8 +1,10 @@
-"""Train and evaluate a grid (variants x seeds x test datasets) across the visible GPUs, then compare.
+"""Train and evaluate a grid (variants x variant flags x seeds x test datasets) across the visible GPUs,
+then compare.
 
     python sweep.py --variants baseline cross_attention --seeds 1 2 3 --train_dataset VisA \\
         --test_datasets MVTec BTAD --out ckpt/sweep -- --pretrained ViT-L-14-336px.pt
     python sweep.py ... --gpus 0 1 --test_flags="--batch_size 16" -- --pretrained ViT-L-14-336px.pt
+    python sweep.py ... --grid "--context_cls residual token none" "--context_level 0 1" -- ...
 
 Each (variant, seed) is one run in <out>/<variant>_seed<seed>: training (train.py or
 train_cross_attention.py with --dataset, --seed, --save_path and the flags after `--`), then test.py on
@@ -11,16 +13,24 @@ when testing on the training set); --test_flags adds to them or overrides them. 
 (CUDA_VISIBLE_DEVICES), as many at once as there are GPUs; without a GPU they run on the CPU (--device
 cpu), --cpu_jobs at once. Each job logs to <out>/logs/<job>.log.
 
+--grid takes variant training flags, one quoted axis each (the flag, then its values): a variant whose
+training takes a gridded flag runs once per combination of the values it takes, named by them, e.g.
+<out>/cross_attention_cls-token_level-1_seed<seed> (a folder name is the flag's last word and the value);
+the other variants run as without a grid.
+
 A job whose output exists is skipped: training when image_adapter_<image_epoch>.pth exists, an evaluation
 when its results JSON exists (delete them to redo one). A stopped sweep (Ctrl-C, SIGTERM) lets its
 trainings save; the same command resumes them. When every job succeeded, compare.py writes
-<out>/compare_<dataset>.md/.csv for each test dataset, the first variant being the reference.
+<out>/compare_<dataset>.md/.csv for each test dataset: one arm per variant and grid point (labelled like
+its runs, without the seed), the first variant's first point being the reference.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -58,6 +68,31 @@ class Run:
 
 
 @dataclass
+class Axis:
+    """One --grid axis: a variant training flag and its values; `short` names it in run folders."""
+    flag: str
+    values: list[str]
+    short: str
+
+
+@dataclass
+class Arm:
+    """A variant with one value for each grid axis it takes: a run per seed, an arm of the comparison."""
+    variant: str
+    settings: list[tuple[Axis, str]]
+
+    @property
+    def name(self) -> str:
+        """The variant, then `_<short>-<value>` per axis: "cross_attention_cls-token_level-1"."""
+        return self.variant + "".join(f"_{axis.short}-{re.sub(r'[^A-Za-z0-9.+-]+', '-', value)}"
+                                      for axis, value in self.settings)
+
+    @property
+    def flags(self) -> list[str]:
+        return [x for axis, value in self.settings for x in (axis.flag, value)]
+
+
+@dataclass
 class Outcome:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -84,8 +119,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_flags", default="",
                    help='extra test.py flags for every evaluation, one string: '
                         '--test_flags="--batch_size 16 --visualize" (default: none)')
+    p.add_argument("--grid", nargs="+", default=[], metavar="'--FLAG VALUE ...'",
+                   help='variant training flags to grid, one quoted axis each: --grid "--context_cls residual token '
+                        'none" "--context_level 0 1"; a variant whose training takes a flag runs once per '
+                        "combination, each an arm of the comparison (default: none)")
     p.add_argument("--dry_run", action="store_true",
-                   help="list the jobs, done or to do, and their commands; run nothing")
+                   help="list the jobs, done or to do, with their commands, and the comparisons; run nothing")
     return p
 
 
@@ -136,31 +175,74 @@ def shared_data_flags(train_flags: list[str], parser: argparse.ArgumentParser) -
     return flags
 
 
-def build_runs(args: argparse.Namespace, train_flags: list[str], test_flags: list[str], test_args: argparse.Namespace,
-               cpu: bool) -> list[Run]:
-    """Every (seed, variant) run with its jobs; on the CPU the scripts get --device cpu (a later --device in
-    the extra flags wins)."""
+def parse_grid(specs: list[str]) -> list[Axis]:
+    """--grid's axes: each spec is a flag and its values ("--context_level 0 1"). An axis's short name is the
+    flag's last word ("level"), or the whole flag name where two axes share it."""
+    axes = []
+    for spec in specs:
+        words = shlex.split(spec)
+        if len(words) < 2 or not words[0].startswith("--"):
+            raise UserError(f"--grid {spec!r}: an axis is a flag and its values, e.g. --grid \"--context_cls residual "
+                            "token\"")
+        axes.append(Axis(words[0], list(dict.fromkeys(words[1:])), words[0][2:].rsplit("_", 1)[-1]))
+    flags = [a.flag for a in axes]
+    if len(set(flags)) < len(flags):
+        raise UserError(f"--grid names a flag twice ({' '.join(flags)}); give each flag one axis with all its values")
+    for axis in axes:
+        if sum(a.short == axis.short for a in axes) > 1:
+            axis.short = axis.flag[2:]
+    return axes
+
+
+def build_arms(variants: list[str], axes: list[Axis], train_flags: list[str]) -> list[Arm]:
+    """Every variant once per combination of the values of the axes its training takes (once when it takes
+    none). `build_runs` checks each arm's flags with its script's parser."""
+    gridded = [f for f in train_flags if f.split("=")[0] in {a.flag for a in axes}]
+    if gridded:
+        raise UserError(f"{', '.join(gridded)}: set by --grid; drop it from the training flags after --")
+    arms = []
+    for variant in variants:
+        parser = get_train_parser(VARIANTS[variant], "")
+        own = [a for a in axes if a.flag in parser._option_string_actions]
+        for values in itertools.product(*(a.values for a in own)):
+            arms.append(Arm(variant, list(zip(own, values))))
+    unused = [a.flag for a in axes if not any(a is axis for arm in arms for axis, _ in arm.settings)]
+    if unused:
+        raise UserError(f"--grid {', '.join(unused)}: no variant of --variants ({', '.join(variants)}) takes it")
+    names = [arm.name for arm in arms]
+    if len(set(names)) < len(names):
+        raise UserError(f"--grid values give two runs one folder name ({', '.join(names)}); use values that differ "
+                        "in letters, digits, '.', '+' or '-'")
+    return arms
+
+
+def build_runs(args: argparse.Namespace, arms: list[Arm], train_flags: list[str], test_flags: list[str],
+               test_args: argparse.Namespace, cpu: bool) -> list[Run]:
+    """Every (seed, arm) run with its jobs, each arm's training flags checked with its script's parser (a bad
+    value stops the sweep before it starts); on the CPU the scripts get --device cpu (a later --device in the
+    extra flags wins)."""
     out, logs = Path(args.out), Path(args.out) / "logs"
     device = ["--device", "cpu"] if cpu else []
-    variants = {name: VARIANTS[name] for name in args.variants}
-    epochs = {v: check_flags(train_flags, get_train_parser(variants[v], ""), "train", []).image_epoch
-              for v in args.variants}
+    epochs = {arm.name: check_flags(train_flags + arm.flags, get_train_parser(VARIANTS[arm.variant], ""), "train",
+                                    []).image_epoch for arm in arms}
     if min(epochs.values()) < 1:
         raise UserError("--image_epoch 0 trains no image adapter: nothing to evaluate")
-    shared = shared_data_flags(train_flags, get_train_parser(variants[args.variants[0]], ""))
+    shared = shared_data_flags(train_flags, get_train_parser(VARIANTS[args.variants[0]], ""))
     runs = []
     for seed in args.seeds:
-        for variant in args.variants:
-            name, save = f"{variant}_seed{seed}", out / f"{variant}_seed{seed}"
-            last = test_args.epoch if test_args.epoch is not None else epochs[variant]
+        for arm in arms:
+            variant = VARIANTS[arm.variant]
+            name, save = f"{arm.name}_seed{seed}", out / f"{arm.name}_seed{seed}"
+            last = test_args.epoch if test_args.epoch is not None else epochs[arm.name]
             options = copy.copy(test_args)
-            variants[variant].finish_test_args(options)
-            suffix = variants[variant].result_suffix(options)
-            script = variants[variant].train_script
-            own = ["--variant", variant] if script == "train.py" and variant != "baseline" else []
+            variant.finish_test_args(options)
+            suffix = variant.result_suffix(options)
+            script = variant.train_script
+            own = ["--variant", arm.variant] if script == "train.py" and arm.variant != "baseline" else []
             jobs = [Job(f"{name} train", [sys.executable, str(REPO / script), *own, "--dataset", args.train_dataset,
-                                          "--seed", str(seed), "--save_path", str(save), *device, *train_flags],
-                        save / f"image_adapter_{epochs[variant]}.pth", logs / f"{name}_train.log")]
+                                          "--seed", str(seed), "--save_path", str(save), *device, *train_flags,
+                                          *arm.flags],
+                        save / f"image_adapter_{epochs[arm.name]}.pth", logs / f"{name}_train.log")]
             for dataset in args.test_datasets:
                 jobs.append(Job(f"{name} test {dataset}",
                                 [sys.executable, str(REPO / "test.py"), "--save_path", str(save), "--dataset", dataset,
@@ -258,15 +340,15 @@ class Runner:
         return False
 
 
-def compare_commands(args: argparse.Namespace, test_args: argparse.Namespace) -> list[list[str]]:
-    """compare.py per test dataset, one arm per variant (its seeds' runs)."""
+def compare_commands(args: argparse.Namespace, arms: list[Arm], test_args: argparse.Namespace) -> list[list[str]]:
+    """compare.py per test dataset, one arm per variant and grid point (its seeds' runs)."""
     out = Path(args.out)
-    arms = [f"{v}=" + ",".join(str(out / f"{v}_seed{s}") for s in args.seeds) for v in args.variants]
+    specs = [f"{arm.name}=" + ",".join(str(out / f"{arm.name}_seed{s}") for s in args.seeds) for arm in arms]
     flags = {dest: flag for variant in VARIANTS.values() for dest, flag in test_flags(variant).items()}
     given = [x for dest, flag in flags.items() if getattr(test_args, dest) is not None
              for x in (flag, str(getattr(test_args, dest)))]
     epoch = ["--epoch", str(test_args.epoch)] if test_args.epoch is not None else []
-    return [[sys.executable, str(REPO / "compare.py"), *arms, "--dataset", d, "--out", str(out / f"compare_{d}"),
+    return [[sys.executable, str(REPO / "compare.py"), *specs, "--dataset", d, "--out", str(out / f"compare_{d}"),
              *given, *epoch] for d in args.test_datasets]
 
 
@@ -281,10 +363,13 @@ def main() -> None:
     add_variant_test_args(test_parser)
     test_args = check_flags(test_flags, test_parser, "test", ["--save_path", args.out])
     gpus = args.gpus if args.gpus is not None else visible_gpus()
-    runs = build_runs(args, train_flags, test_flags, test_args, cpu=not gpus)
+    arms = build_arms(args.variants, parse_grid(args.grid), train_flags)
+    runs = build_runs(args, arms, train_flags, test_flags, test_args, cpu=not gpus)
     if args.dry_run:
         for job in (j for r in runs for j in r.jobs):
             print(f"{'done' if job.output.exists() else 'todo'} {job.name}: {shlex.join(job.cmd)}")
+        for cmd in compare_commands(args, arms, test_args):
+            print(f"then compare: {shlex.join(cmd)}")
         return
     print(f"sweep: {len(runs)} runs on {', '.join(f'gpu {g}' for g in gpus) if gpus else 'the cpu'}", flush=True)
     runner = (Runner(gpus) if gpus else
@@ -297,7 +382,7 @@ def main() -> None:
                         + "\n  ".join(outcome.failed))
     if runner.signum:
         sys.exit(128 + runner.signum)
-    for cmd in compare_commands(args, test_args):
+    for cmd in compare_commands(args, arms, test_args):
         if subprocess.call(cmd) != 0:
             raise UserError(f"compare.py failed: {shlex.join(cmd)}")
 

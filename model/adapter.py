@@ -217,9 +217,10 @@ class AdaptedCLIP(nn.Module):
             return mix_residual(x, self.text_adapter[i], self.text_adapt_weight)
         return x
 
-    def text_blocks(self, x: torch.Tensor, adapt: bool, start: int = 0) -> torch.Tensor:
-        """Text blocks `start..` each followed by its adapter when `adapt`. x: [N, T, Wt]."""
-        for i in range(start, self.text_depth):
+    def text_blocks(self, x: torch.Tensor, adapt: bool, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Text blocks `start..end - 1` (to the last one by default), each followed by its adapter when
+        `adapt`. x: [N, T, Wt]."""
+        for i in range(start, self.text_depth if end is None else end):
             x = block_forward(self.clip.transformer.resblocks[i], x, causal=True)
             if adapt:
                 x = self.adapt_text(i, x)

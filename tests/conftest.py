@@ -8,11 +8,17 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 import train
 import train_cross_attention
 from dataset.make_metadata import build_metadata
 from dataset.synthetic import make_synthetic
+
+
+# One intra-op thread: the tiny models gain nothing from two, and while a test's subprocesses hold the other
+# core, a second thread that waits on the first makes small operations many times slower.
+torch.set_num_threads(1)
 
 
 def tiny_synthetic(root: Path, n_normal: int = 3) -> Path:

@@ -134,12 +134,8 @@ def test_two_processes_evaluate_like_one(one_and_two, data):
     scores 10 images, rank 1 two)."""
     argv = ["--save_path", str(one_and_two / "one"), "--dataset", "Synthetic", "--data_root", str(data / "syn"),
             "--metadata_dir", str(data / "meta"), "--num_workers", "0", "--device", "cpu", "--batch_size", "5"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank one_and_two (ENV): thread counts can change low bits
-    try:
-        run_main(test_script, argv + ["--results_dir", str(one_and_two / "eval1")])
-    finally:
-        torch.set_num_threads(threads)
+    # In-process on one thread (conftest), as each rank runs (ENV): thread counts can change low bits.
+    run_main(test_script, argv + ["--results_dir", str(one_and_two / "eval1")])
     out = run_ranks("test.py", argv + ["--results_dir", str(one_and_two / "eval2")])
     assert out.count("| mean |") == 1  # rank 0 alone logs
     for name in ("Synthetic_epoch2.json", "Synthetic_epoch2_images.csv"):

@@ -462,7 +462,8 @@ def test_disk_full_writing_a_checkpoint(data, tmp_path, disk_full_at, monkeypatc
     disk_full_at("image_adapter_1.pth")
     msg = fail(train, train_args(data, save), monkeypatch, capsys)
     has(msg, f"cannot write a checkpoint in {save}", "No space left on device", "run the same command to resume")
-    assert sorted(p.name for p in save.iterdir()) == [".lock", "args.json", "text_adapter.pth", "train.log"]
+    assert sorted(p.name for p in save.iterdir()) == [".lock", "args.json", "metrics.jsonl", "text_adapter.pth",
+                                                       "train.log"]
 
 
 def test_disk_full_writing_results(data, copy_run, disk_full_at, monkeypatch, capsys):
@@ -486,3 +487,18 @@ def test_no_loadable_stage2_checkpoint(data, copy_run, monkeypatch, capsys):
     has(msg, str(save / "image_adapter.pth"), "damaged", "no per-epoch checkpoint loads either", "delete")
     checkpoints = {k: v for k, v in listing(save).items() if k.endswith(".pth")}
     assert checkpoints == {k: v for k, v in before.items() if k.endswith(".pth")}  # the run started; nothing lost
+
+
+def test_rerun_of_an_older_run_with_a_new_flag_changed(data, copy_run, monkeypatch, capsys):
+    """An args.json written before --context_cls existed: the run used the default, so another value is a
+    difference, and the default is not."""
+    save = copy_run("cross_attention")
+    saved = json.loads((save / "args.json").read_text())
+    del saved["context_cls"]
+    (save / "args.json").write_text(json.dumps(saved))
+    before = listing(save)
+    msg = fail(train_cross_attention, train_args(data, save) + ["--sanity_check", "--context_cls", "token"],
+               monkeypatch, capsys)
+    has(msg, "--context_cls: 'residual' then, 'token' now")
+    assert_unchanged(save, before)
+    run_main(train_cross_attention, train_args(data, save) + ["--sanity_check", "--image_epoch", "2"])

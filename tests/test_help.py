@@ -12,7 +12,7 @@ import predict
 import sweep
 import train
 from dataset import check, make_metadata, synthetic
-from tools import benchmark, ddp_check
+from tools import benchmark, ddp_check, plot_history
 from variants import VARIANTS
 
 
@@ -21,7 +21,8 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     found["test"] = cli.get_test_parser()
     cli.add_variant_test_args(found["test"])
     for name, module in [("predict", predict), ("analyze_attention", analyze_attention), ("sweep", sweep),
-                         ("compare", compare), ("benchmark", benchmark), ("ddp_check", ddp_check)]:
+                         ("compare", compare), ("benchmark", benchmark), ("ddp_check", ddp_check),
+                         ("plot_history", plot_history)]:
         found[name] = module.get_parser()
     for name, module in [("make_metadata", make_metadata), ("check", check), ("synthetic", synthetic)]:
         found[name] = module.build_parser()

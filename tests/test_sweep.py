@@ -1,5 +1,6 @@
-"""sweep.py on the CPU with the tiny model: 2 variants x 1 seed end to end; finished jobs skipped, failures listed.
-The sweep runs in-process; its jobs are real subprocesses."""
+"""sweep.py on the CPU with the tiny model: 2 variants x 1 seed end to end; finished jobs skipped, failures listed;
+grids of variant flags (dry runs). The sweep runs in-process; its jobs are real subprocesses."""
+import shlex
 import sys
 
 import pytest
@@ -102,3 +103,46 @@ def test_runner_skips_done_jobs_and_stops_a_run_at_its_first_failure(tmp_path, c
     assert outcome.failed == [f"b_train (exit 3): {tmp_path / 'logs' / 'b_train.log'}"]
     assert (tmp_path / "a_train.out").read_text() == "" and not (tmp_path / "b_test.out").exists()
     assert "skip a_train" in capsys.readouterr().out
+
+
+def test_grid_runs_one_arm_per_point_named_by_its_values(run_sweep, tmp_path):
+    """--grid on the variants that take its flags: runs named by the values, each flag in its training command,
+    one compare arm per point; the baseline runs once."""
+    out = tmp_path / "sweep"
+    code, stdout, stderr = run_sweep(out, "--grid", "--context_cls residual token none", "--context_level 0 1",
+                                     "--dry_run")
+    assert code == 0, stderr
+    points = [(c, lv) for c in ("residual", "token", "none") for lv in ("0", "1")]
+    names = ["baseline"] + [f"cross_attention_cls-{c}_level-{lv}" for c, lv in points]
+    trains = [shlex.split(line.split(": ", 1)[1]) for line in stdout.splitlines() if line.startswith("todo ")
+              and line.split(":")[0].endswith(" train")]
+    assert [cmd[cmd.index("--save_path") + 1] for cmd in trains] == [str(out / f"{n}_seed1") for n in names]
+    assert "--context_cls" not in trains[0] and trains[0][1].endswith("train.py")
+    for cmd, (context_cls, level) in zip(trains[1:], points):
+        assert cmd[1].endswith("train_cross_attention.py")
+        assert cmd[cmd.index("--context_cls") + 1] == context_cls and cmd[cmd.index("--context_level") + 1] == level
+    compares = [shlex.split(line.removeprefix("then compare: ")) for line in stdout.splitlines()
+                if line.startswith("then compare: ")]
+    assert len(compares) == 1
+    arms = compares[0][2:compares[0].index("--dataset")]
+    assert arms == [f"{n}={out / f'{n}_seed1'}" for n in names]
+    assert not out.exists()
+
+
+def test_grid_without_a_grid_keeps_the_plain_names(run_sweep, tmp_path):
+    code, stdout, _ = run_sweep(tmp_path / "sweep", "--dry_run")
+    compare = next(line for line in stdout.splitlines() if line.startswith("then compare: "))
+    assert code == 0 and f"baseline={tmp_path / 'sweep' / 'baseline_seed1'} " in compare
+    assert f"cross_attention={tmp_path / 'sweep' / 'cross_attention_seed1'} " in compare
+
+
+@pytest.mark.parametrize("extra,train,message", [
+    (["--variants", "baseline", "--grid", "--context_cls token none"], [], "no variant of --variants (baseline) takes it"),
+    (["--grid", "context_cls token"], [], "an axis is a flag and its values"),
+    (["--grid", "--context_level 0 1"], ["--context_level", "1"], "--context_level: set by --grid"),
+    (["--grid", "--context_cls both"], [], "argument --context_cls: invalid choice: 'both'"),
+])
+def test_bad_grids_are_refused_before_anything_runs(run_sweep, tmp_path, extra, train, message):
+    code, _, stderr = run_sweep(tmp_path / "sweep", *extra, "--dry_run", train=train)
+    assert code == 2 and message in stderr, stderr
+    assert not (tmp_path / "sweep").exists()

@@ -137,16 +137,8 @@ def every_step(data):
 
 def test_real_interrupt_then_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
     """Real `train.py` processes stopped by SIGTERM (graceful save) and by kill -9 (resume from the last
-    checkpoint, written every step here), then rerun, end bit for bit where an uninterrupted run ends."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the processes run: thread counts can change low bits
-    try:
-        interrupt_and_resume(data, tmp_path, monkeypatch)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def interrupt_and_resume(data, tmp_path, monkeypatch):
+    checkpoint, written every step here), then rerun, end bit for bit where an uninterrupted run ends. The
+    in-process runs use one thread (conftest), as the processes do: thread counts can change low bits."""
     cuts = {how: tmp_path / how for how in ("SIGTERM", "SIGKILL")}
     procs = {how: start_training(every_step(data) + ["--save_path", str(cut)]) for how, cut in cuts.items()}
     for how, proc in procs.items():
