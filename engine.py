@@ -826,7 +826,7 @@ def train_text_adapter(run: Run) -> None:
             ds = load_dataset(args, args.dataset, training_shot(args), augment=True)
         anchor_fn = run.variant.anchor_fn(model, run.bank, args, "stage1")
         params = [p for m in modules.values() for p in m.parameters()]
-        optimizer = torch.optim.Adam(params, lr=args.text_lr, betas=(0.5, 0.999))
+        optimizer = torch.optim.Adam(run.variant.param_groups(modules, args), betas=(0.5, 0.999))
         grad_mean = GradMean(params) if world_size() > 1 else None
         history = StageHistory("stage 1", STAGE1_TERMS, {k: list(m.parameters()) for k, m in modules.items()},
                                optimizer, run.save_dir / HISTORY_FILE)

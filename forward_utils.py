@@ -249,6 +249,10 @@ class Variant:
         """The modules Stage 1 trains and `text_ckpt` holds, by checkpoint key."""
         return {key: getattr(model, key) for key in self.text_modules}
 
+    def param_groups(self, modules: dict[str, nn.Module], args: argparse.Namespace) -> list[dict]:
+        """Stage 1's Adam parameter groups: every parameter of `modules` at --text_lr."""
+        return [{"params": [p for m in modules.values() for p in m.parameters()], "lr": args.text_lr}]
+
     def anchor_fn(self, model: AdaptedCLIP, bank: PromptBank, args: argparse.Namespace, stage: str,
                   text_trained: bool = True) -> AnchorFn:
         """Anchors for `stage`: "stage1" (with gradient to the text modules), "stage2" or "test" (frozen).

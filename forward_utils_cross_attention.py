@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from torch import nn
 
 from forward_utils import AnchorFn, PromptBank, Variant, anchors_from_embeddings, class_anchor_fn
 from model.adapter_cross_attention import CONTEXT_CLS, GATES, AdaptedCLIPWithCrossAttention
-from utils.argtypes import non_negative_int, positive_int, probability
+from utils.argtypes import non_negative_int, positive_float, positive_int, probability
 
 
 def get_vision_aware_text_embedding(
@@ -49,6 +50,14 @@ class CrossAttentionVariant(Variant):
     model_keys = ("cross_attn_heads", "cross_attn_dropout", "cross_attn_gate", "context_cls", "context_level",
                   "cross_attn_after")
 
+    def param_groups(self, modules: dict[str, nn.Module], args: argparse.Namespace) -> list[dict]:
+        """The base groups at --text_lr, the tanh gate (when there is one) on its own at --cross_attn_gate_lr."""
+        gate = modules["text_cross_attn"].gate
+        if gate is None:
+            return super().param_groups(modules, args)
+        rest = [p for m in modules.values() for p in m.parameters() if p is not gate]
+        return [{"params": rest, "lr": args.text_lr}, {"params": [gate], "lr": args.cross_attn_gate_lr}]
+
     def add_train_args(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("cross-attention")
         g.add_argument("--cross_attn_heads", type=positive_int, default=8,
@@ -59,6 +68,10 @@ class CrossAttentionVariant(Variant):
                        help="none: the plan's residual x + CA(x); tanh: x + tanh(a) CA(x), a learnable scalar a "
                             "starting at 0 (Flamingo), so that with --init_text_adapter the run starts exactly at "
                             "the baseline's anchors (default: %(default)s)")
+        g.add_argument("--cross_attn_gate_lr", type=positive_float, default=1e-3,
+                       help="Adam learning rate of the tanh gate; Adam moves a parameter by about its learning rate "
+                            "per step, so at --text_lr (1e-5) the gate would stay near 1e-3 after the default "
+                            "Stage 1 and the module would hardly act (default: %(default)s)")
         g.add_argument("--context_cls", choices=CONTEXT_CLS, default="residual",
                        help="how the image's CLS embedding enters the context: added to every patch (the plan), as "
                             "one extra key/value token, or not at all (default: %(default)s)")

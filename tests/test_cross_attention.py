@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train_cross_attention
 from cli import build_model, get_train_parser
 from forward_utils import PromptBank, anchors_from_embeddings, get_adapted_text_embedding, stage1_loss
 from forward_utils_cross_attention import cross_attention_anchor_fn, get_vision_aware_text_embedding
@@ -17,6 +18,7 @@ from train_cross_attention import build_with_init
 from utils.errors import UserError
 from utils.io import load_checkpoint, load_module_state
 from variants import get_variant
+from conftest import run_main, train_args
 
 SIZE = 56
 
@@ -282,3 +284,14 @@ def test_gate_gradient_at_zero_is_the_derivative_along_the_module_output(bank):
         ca.gate.zero_()
     slope = (up - down) / (2 * math.tanh(eps))
     assert abs(slope) > 1e-4 and float(ca.gate.grad) == pytest.approx(slope, rel=1e-5)
+
+
+def test_the_gate_learns_at_its_own_rate(data, tmp_path):
+    """Stage 1 puts the gate in an Adam group of its own at --cross_attn_gate_lr: after the run's 2 steps it
+    has moved by more than one step of that rate (Adam's first steps move by about the rate), which at
+    --text_lr it could not (2 steps x 1e-5)."""
+    save = tmp_path / "run"
+    run_main(train_cross_attention, train_args(data, save) + ["--cross_attn_gate", "tanh", "--image_epoch", "0"])
+    ckpt = torch.load(save / "text_adapter_cross_attn.pth", weights_only=True)
+    assert [g["lr"] for g in ckpt["text_optimizer"]["param_groups"]] == [1e-5, 1e-3]
+    assert abs(float(ckpt["text_cross_attn"]["gate"])) > 1e-3
