@@ -471,17 +471,19 @@ def forest_plot(delta: dict[str, dict[str, dict[str, Delta]]], classes: list[str
 
 
 def write_csv(arms: dict[str, Runs], metrics: list[str], path: Path) -> None:
-    """Long format, one row per (run, class or mean, metric); undefined values as n/a."""
+    """Long format, one row per (run, class or mean, metric) with the result's epoch and how it was
+    selected (test.py --select_epoch); undefined values as n/a."""
     text = io.StringIO(newline="")
     w = csv.writer(text)
-    w.writerow(["arm", "run", "seed", "class", "metric", "value"])
+    w.writerow(["arm", "run", "seed", "epoch", "epoch_selection", "class", "metric", "value"])
     for label, runs in arms.items():
         for run in runs:
+            selection = run["meta"].get("selection_label") or run["meta"].get("epoch_selection", "not recorded")
             for row, values in run_rows(run).items():
                 for metric in metrics:
                     value = values.get(metric)
-                    w.writerow([label, run["path"], "" if run["seed"] is None else run["seed"], row, metric,
-                                "n/a" if value is None else repr(float(value))])
+                    w.writerow([label, run["path"], "" if run["seed"] is None else run["seed"], run["epoch"],
+                                selection, row, metric, "n/a" if value is None else repr(float(value))])
     write_output(text.getvalue(), path, "--out")
 
 

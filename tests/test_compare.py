@@ -465,7 +465,7 @@ def test_main_writes_tables_csv_forest_plot_and_random_weights_banner(tmp_path, 
         assert "| perm p | sign p | Wilcoxon p |" in text and " MDE |" in text
     with open(tmp_path / "out" / "cmp.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["arm", "run", "seed", "class", "metric", "value"]
+    assert list(rows[0]) == ["arm", "run", "seed", "epoch", "epoch_selection", "class", "metric", "value"]
     assert len(rows) == 2 * 3 * (len(CLASSES) + 1) * 2  # arms × seeds × (classes + mean) × metrics
     wood = [r for r in rows if r["class"] == "wood" and r["metric"] == "pixel_aupro"]
     assert {r["value"] for r in wood} == {"n/a"}

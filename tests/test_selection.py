@@ -86,6 +86,8 @@ def test_best_on_test_picks_the_best_epoch_and_labels_every_output(data, copy_ru
     report = (tmp_path / "cmp.md").read_text()
     assert f"**{LABEL}** (runs: {save})" in report and "| best_on_test" in report
     assert "epoch: chosen per run by test.py --select_epoch best_on_test" in report
+    rows = read_csv(tmp_path / "cmp.csv")
+    assert rows and all(r["epoch_selection"] == LABEL and r["epoch"] == "1" for r in rows)
 
 
 def test_heldout_picks_the_epoch_on_held_out_training_images(data, copy_run, monkeypatch):
