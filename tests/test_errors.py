@@ -464,6 +464,10 @@ def test_disk_full_writing_a_checkpoint(data, tmp_path, disk_full_at, monkeypatc
     has(msg, f"cannot write a checkpoint in {save}", "No space left on device", "run the same command to resume")
     assert sorted(p.name for p in save.iterdir()) == [".lock", "args.json", "metrics.jsonl", "text_adapter.pth",
                                                        "train.log"]
+    disk_full_at(None)
+    run_main(train, train_args(data, save))  # space freed: the same command resumes after Stage 1
+    log = (save / "train.log").read_text()
+    assert "stage 1: loaded" in log and (save / "image_adapter_1.pth").exists()
 
 
 def test_disk_full_writing_results(data, copy_run, disk_full_at, monkeypatch, capsys):
