@@ -323,6 +323,14 @@ def load_image_adapter(model: AdaptedCLIP, path: Path) -> int:
     return int(ckpt["epoch"])
 
 
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(a script's own flags, the training flags after `--`) of sweep.py and protocol.py."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
 def cli_main(main: Callable[[], Any]) -> Callable[[], None]:
     """Wraps a script's `main`: a `UserError` (DatasetError included) becomes one `error: ...` line and exit
     code 2.

@@ -12,9 +12,19 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from dataset import PROMPTS, get_real_name
 from model import AdaptedCLIP
+from utils.errors import UserError
 
 # Test-time Gaussian blur of the similarity maps, by dataset domain: (kernel size, sigma).
 BLUR = {"Industrial": (7, 1.0), "Medical": (9, 1.5)}
+
+
+def check_blur_fits(grid: tuple[int, int], domain: str) -> None:
+    """The map blur pads the patch grid by reflection, which needs more patches per side than half the
+    kernel (a 37x37 grid at 518 px; a tiny test size can fall short)."""
+    kernel = BLUR[domain][0]
+    if min(grid) <= kernel // 2:
+        raise UserError(f"a {grid[0]}x{grid[1]} patch grid is too small for the {domain.lower()} map blur (kernel "
+                        f"{kernel}): choose an --image_size of at least {kernel // 2 + 1} patches per side")
 
 
 def class_prompts(real_name: str) -> tuple[list[str], list[str]]:

@@ -35,7 +35,7 @@ from dataset.make_metadata import IMAGE_EXTS
 from cli import (RANDOM_WEIGHTS_BANNER, add_model_args, cli_main, epoch_checkpoints, load_image_adapter, load_model,
                  parse_run_args)
 from engine import ImageForwardFn, fast_image_forward
-from forward_utils import AnchorFn, PromptBank, anomaly_map, image_logits
+from forward_utils import AnchorFn, PromptBank, anomaly_map, check_blur_fits, image_logits
 from model import AdaptedCLIP, get_tokenizer
 from utils.distributed import resolve_device
 from utils.argtypes import non_negative_int, positive_int
@@ -238,6 +238,7 @@ def _predict(args: argparse.Namespace, device: torch.device, paths: list[Path], 
     model.eval()
     dataset = args.dataset or ""  # an unknown name: the class name as written, Industrial domain
     domain = get_dataset_info(dataset)["domain"]
+    check_blur_fits(model.grid, domain)
     bank = PromptBank(get_tokenizer(args.model), dataset, [args.class_name]).to(device)
     anchor_fn = args.variant.anchor_fn(model, bank, args, "test", text_trained)
     loader = DataLoader(ImageFiles(paths, args.image_size), batch_size=args.batch_size, shuffle=False,

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from cli import add_variant_test_args, cli_main, get_test_parser, get_train_parser, test_flags
+from cli import add_variant_test_args, cli_main, get_test_parser, get_train_parser, split_argv, test_flags
 from utils.argtypes import positive_int
 from utils.errors import UserError
 from variants import VARIANTS
@@ -126,14 +126,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry_run", action="store_true",
                    help="list the jobs, done or to do, with their commands, and the comparisons; run nothing")
     return p
-
-
-def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(sweep flags, training flags after `--`)."""
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1:]
-    return argv, []
 
 
 def check_flags(flags: list[str], parser: argparse.ArgumentParser, kind: str,

@@ -38,7 +38,7 @@ from cli import (RANDOM_WEIGHTS_BANNER, cli_main, epoch_checkpoints, get_test_pa
                  load_model, metadata_file, parse_run_args)
 from dataset import ADDataset, get_dataset_info, read_metadata
 from engine import ImageForwardFn, fast_image_forward
-from forward_utils import AnchorFn, PromptBank, anomaly_map, image_logits
+from forward_utils import AnchorFn, PromptBank, anomaly_map, check_blur_fits, image_logits
 from metrics import METRIC_NAMES, NonFiniteError, mean_metrics, metrics_eval
 from model import AdaptedCLIP, get_tokenizer
 from utils.distributed import (gather_objects, gather_rows, init_distributed, is_main, rank, same_outcome, shard,
@@ -191,10 +191,12 @@ class EvalSet:
 def eval_set(model: AdaptedCLIP, ds: ADDataset, name: str, args: argparse.Namespace, device: torch.device,
              text_trained: bool) -> EvalSet:
     """`ds` (of dataset `name`) ready to score with the run's test anchors."""
+    domain = get_dataset_info(name)["domain"]
+    check_blur_fits(model.grid, domain)
     bank = PromptBank(get_tokenizer(args.model), name, ds.class_names).to(device)
     loader, counts = shard_loader(ds, args.batch_size, args.num_workers, device)
     return EvalSet(name, ds, loader, counts, args.variant.anchor_fn(model, bank, args, "test", text_trained),
-                   get_dataset_info(name)["domain"])
+                   domain)
 
 
 @dataclass

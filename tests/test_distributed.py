@@ -95,11 +95,9 @@ def one_and_two(data, tmp_path_factory):
     """The same baseline training in one process (in-process) and in two (torchrun)."""
     out = tmp_path_factory.mktemp("one_and_two")
     argv = common(data) + ["--text_epoch", "1", "--image_epoch", "2"]
-    mp = pytest.MonkeyPatch()
-    mp.setattr(sys, "argv", ["train.py", *argv, "--save_path", str(out / "one")])
-    train.main()
-    mp.undo()
-    run_ranks("train.py", argv + ["--save_path", str(out / "two")])
+    two = Ranks("train.py", argv + ["--save_path", str(out / "two")])  # they start while this process trains
+    run_main(train, argv + ["--save_path", str(out / "one")])
+    two.wait()
     return out
 
 
@@ -134,9 +132,10 @@ def test_two_processes_evaluate_like_one(one_and_two, data):
     scores 10 images, rank 1 two)."""
     argv = ["--save_path", str(one_and_two / "one"), "--dataset", "Synthetic", "--data_root", str(data / "syn"),
             "--metadata_dir", str(data / "meta"), "--num_workers", "0", "--device", "cpu", "--batch_size", "5"]
+    two = Ranks("test.py", argv + ["--results_dir", str(one_and_two / "eval2")])
     # In-process on one thread (conftest), as each rank runs (ENV): thread counts can change low bits.
     run_main(test_script, argv + ["--results_dir", str(one_and_two / "eval1")])
-    out = run_ranks("test.py", argv + ["--results_dir", str(one_and_two / "eval2")])
+    out = two.wait()
     assert out.count("| mean |") == 1  # rank 0 alone logs
     for name in ("Synthetic_epoch2.json", "Synthetic_epoch2_images.csv"):
         assert (one_and_two / "eval1" / name).read_bytes() == (one_and_two / "eval2" / name).read_bytes(), name

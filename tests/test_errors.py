@@ -506,3 +506,21 @@ def test_rerun_of_an_older_run_with_a_new_flag_changed(data, copy_run, monkeypat
     has(msg, "--context_cls: 'residual' then, 'token' now")
     assert_unchanged(save, before)
     run_main(train_cross_attention, train_args(data, save) + ["--sanity_check", "--image_epoch", "2"])
+
+
+@pytest.mark.parametrize("script", [test_script, predict])
+def test_patch_grid_smaller_than_the_medical_blur(script, data, copy_run, tmp_path, monkeypatch, capsys):
+    """56 px gives the tiny model a 4x4 patch grid; the medical blur (kernel 9) needs 5 patches a side."""
+    save = copy_run("baseline")
+    before = listing(save)
+    if script is test_script:
+        meta = copy_metadata(data, tmp_path)
+        shutil.copytree(meta / "Synthetic", meta / "Brain")
+        argv = ["--save_path", str(save), "--dataset", "Brain", "--data_root", str(data / "syn"), "--metadata_dir",
+                str(meta), "--num_workers", "0", "--device", "cpu"]
+    else:
+        argv = ["--save_path", str(save), "--images", str(data / "syn" / "disc" / "test" / "good"), "--class_name",
+                "disc", "--dataset", "Brain", "--device", "cpu", "--num_workers", "0"]
+    has(fail(script, argv, monkeypatch, capsys), "4x4 patch grid is too small for the medical map blur (kernel 9)",
+        "--image_size")
+    assert_unchanged(save, before)

@@ -9,10 +9,11 @@ import analyze_attention
 import cli
 import compare
 import predict
+import protocol
 import sweep
 import train
 from dataset import check, make_metadata, synthetic
-from tools import benchmark, ddp_check, plot_history
+from tools import benchmark, ddp_check, plot_history, proxy
 from variants import VARIANTS
 
 
@@ -22,9 +23,10 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     cli.add_variant_test_args(found["test"])
     for name, module in [("predict", predict), ("analyze_attention", analyze_attention), ("sweep", sweep),
                          ("compare", compare), ("benchmark", benchmark), ("ddp_check", ddp_check),
-                         ("plot_history", plot_history)]:
+                         ("plot_history", plot_history), ("protocol", protocol)]:
         found[name] = module.get_parser()
-    for name, module in [("make_metadata", make_metadata), ("check", check), ("synthetic", synthetic)]:
+    for name, module in [("make_metadata", make_metadata), ("check", check), ("synthetic", synthetic),
+                         ("proxy", proxy)]:
         found[name] = module.build_parser()
     return found
 
