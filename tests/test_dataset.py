@@ -374,8 +374,9 @@ def test_mask_is_convert_L_then_nonzero(tmp_path, mode):
 
 def test_mask_resized_nearest_at_real_size(tmp_path):
     """A 1024 px mask to a 518 px input, against nearest indices computed by hand (the source pixel
-    under each output pixel's centre; a centre exactly on a pixel border takes the pixel before it, as
-    PIL does): bilinear resizing would blur the 1-px stripes."""
+    under each output pixel's centre; where a centre falls exactly on a pixel border, floating-point
+    rounding in PIL picks the pixel before it for 1024 -> 518, which is not a rule for other sizes):
+    bilinear resizing would blur the 1-px stripes."""
     rng = np.random.default_rng(2)
     mask = np.zeros((1024, 1024), np.uint8)
     mask[::2] = 255  # 1-px stripes: any averaging resampler turns them grey
