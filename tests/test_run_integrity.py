@@ -1,8 +1,11 @@
 """Run integrity (the refusals are rows of test_errors.py): what a rerun may change, the manifest that traces
 every number, the lock of a killed run, consistent Stage-2 files after a kill between two saves, resume
 from the newest loadable epoch, temporaries of killed writers, file modes, and logs that stay readable."""
+import errno
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -171,3 +174,17 @@ def test_logs_stay_readable(data, tmp_path, capsys, monkeypatch):
     assert "\r" not in err and "stage 2 epoch 2/2: 100%" in err
     log = (save / "train.log").read_text().splitlines()
     assert max(map(len, log)) < 300 and any("every setting in" in line for line in log)
+
+
+def test_a_full_disk_under_the_log_file_prints_no_traceback(data, tmp_path, monkeypatch, capsys):
+    """Every log line fails to reach train.log (as on a full disk): no per-message traceback on stderr,
+    the console copy goes on, and the run itself finishes."""
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(logging.FileHandler, "_open", lambda self: FullDisk())
+    save = tmp_path / "run"
+    run_main(train, train_args(data, save))
+    captured = capsys.readouterr()
+    assert "Logging error" not in captured.err and "Traceback" not in captured.err
+    assert "done: checkpoints in" in captured.out and (save / "image_adapter_1.pth").exists()

@@ -213,6 +213,14 @@ def staged_dir(path: str | Path, flag: str = "--out") -> Iterator[Path]:
             _remove_empty_dirs(made)
 
 
+class _LogFile(logging.FileHandler):
+    """The log file. On a full disk a plain FileHandler prints a traceback for every message; this one
+    stays quiet: the console copy goes on, and the run's own writes stop it with one `error:` line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def setup_logger(save_dir: str | Path, name: str) -> logging.Logger:
     """A logger that writes to `<save_dir>/<name>.log` (appending, so a resumed run keeps its history)
     and to stdout; under torchrun only on rank 0, the other ranks get a logger that drops everything."""
@@ -229,7 +237,7 @@ def setup_logger(save_dir: str | Path, name: str) -> logging.Logger:
         logger.removeHandler(h)
         h.close()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    file_handler = logging.FileHandler(Path(save_dir) / f"{name}.log")
+    file_handler = _LogFile(Path(save_dir) / f"{name}.log")
     stream_handler = logging.StreamHandler(sys.stdout)
     for h in (file_handler, stream_handler):
         h.setFormatter(fmt)
