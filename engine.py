@@ -649,14 +649,15 @@ def run_config(args: argparse.Namespace, variant: Variant, device: torch.device)
                 manifest=manifest(args.pretrained, lists))
 
 
-def config_differences(saved: dict, config: dict, stage2_started: bool) -> list[str]:
+def config_differences(saved: dict, config: dict, stage2_started: bool, operational: tuple[str, ...] = ()
+                       ) -> list[str]:
     """The settings of `config` that a rerun may not change from `saved` (args.json), one line each: any
-    flag but the operational ones, the weights by content, the training list by content; an epoch count
+    flag but the operational ones (and the variant's, `operational`), the weights by content, the training list by content; an epoch count
     may grow (the run goes on), except Stage 1's once Stage 2 has trained on its anchors."""
     diffs = []
     old_manifest, new_manifest = saved.get("manifest"), config["manifest"]
     for key, now in config.items():
-        if key in OPERATIONAL_KEYS or key in ("manifest", "starts") or key not in saved:
+        if key in OPERATIONAL_KEYS + operational or key in ("manifest", "starts") or key not in saved:
             continue
         before = saved[key]
         if key == "precision" and before == "auto":  # written by a version that saved the flag, not its value
@@ -695,7 +696,7 @@ def check_rerun(save_dir: Path, config: dict, variant: Variant) -> None:
     parser = get_train_parser(variant, "")
     saved = {**{a.dest: parser.get_default(a.dest) for a in parser._actions if a.dest != "help"}, **saved}
     stage2_started = any(save_dir.glob("image_adapter*.pth"))
-    diffs = config_differences(saved, config, stage2_started)
+    diffs = config_differences(saved, config, stage2_started, variant.operational_keys)
     if diffs:
         raise UserError(f"{save_dir} holds a run with other settings:\n  " + "\n  ".join(diffs) + "\nTrain into a "
                         f"new --save_path, or rerun with the saved values ({save_dir / 'args.json'}); only larger "

@@ -241,6 +241,7 @@ class Variant:
     text_modules: tuple[str, ...] = ("text_adapter",)  # model attributes Stage 1 trains, saved under these keys
     needs_text_stage = False  # True: a run without Stage 1 (--text_epoch 0) is refused
     model_keys: tuple[str, ...] = ()  # extra saved flags that build the model (`model_kwargs` reads them)
+    operational_keys: tuple[str, ...] = ()  # its flags that a rerun of a run may change (they change no result)
 
     def add_train_args(self, parser: argparse.ArgumentParser) -> None:
         """Flags of this variant's training (saved in args.json)."""

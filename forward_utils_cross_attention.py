@@ -47,6 +47,7 @@ class CrossAttentionVariant(Variant):
     needs_text_stage = True
     # Saved flags that build the model, each a keyword of `AdaptedCLIPWithCrossAttention`. A run saved before
     # a flag existed loads with the flag's default, which is the plan's.
+    operational_keys = ("sanity_check",)
     model_keys = ("cross_attn_heads", "cross_attn_dropout", "cross_attn_gate", "context_cls", "context_level",
                   "cross_attn_after")
 

@@ -43,8 +43,10 @@ from pathlib import Path
 import torch
 
 from cli import add_variant_test_args, cli_main, get_test_parser, get_train_parser, split_argv, test_flags
+from engine import check_rerun, run_config
+from forward_utils import Variant
 from utils.argtypes import positive_int
-from utils.errors import UserError
+from utils.errors import UserError, own_message
 from variants import VARIANTS
 
 REPO = Path(__file__).resolve().parent
@@ -243,7 +245,24 @@ def build_runs(args: argparse.Namespace, arms: list[Arm], train_flags: list[str]
                                 save / "results" / f"{dataset}_epoch{last}{suffix}.json",
                                 logs / f"{name}_test_{dataset}.log"))
             runs.append(Run(name, jobs))
+            if jobs[0].output.exists():
+                check_finished_training(jobs[0], variant, torch.device("cpu" if cpu else "cuda"))
     return runs
+
+
+def check_finished_training(job: Job, variant: Variant, device: torch.device) -> None:
+    """A finished training is skipped only when its run was trained with the job's flags: the check a rerun
+    of train.py makes (`engine.check_rerun`: every result-affecting flag, the weights by hash, the training
+    list by content), so that a sweep rerun with other flags into the same --out stops with the differences
+    instead of reporting the old runs' results as the new ones."""
+    argv = job.cmd[2:]
+    if argv[:1] == ["--variant"]:
+        argv = argv[2:]
+    args = get_train_parser(variant, "").parse_args(argv)
+    try:
+        check_rerun(Path(args.save_path), run_config(args, variant, device), variant)
+    except UserError as e:
+        raise UserError(f"{job.name}: {own_message(e)}") from None
 
 
 class Runner:

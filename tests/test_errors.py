@@ -505,7 +505,7 @@ def test_rerun_of_an_older_run_with_a_new_flag_changed(data, copy_run, monkeypat
                monkeypatch, capsys)
     has(msg, "--context_cls: 'residual' then, 'token' now")
     assert_unchanged(save, before)
-    run_main(train_cross_attention, train_args(data, save) + ["--sanity_check", "--image_epoch", "2"])
+    run_main(train_cross_attention, train_args(data, save) + ["--image_epoch", "2"])  # --sanity_check is operational
 
 
 @pytest.mark.parametrize("script", [test_script, predict])

@@ -17,9 +17,9 @@ def run_sweep(data, monkeypatch, capsys):
     tiny = ["--model", "tiny", "--image_size", "56", "--shot", "2", "--text_epoch", "1", "--image_epoch", "1",
             "--text_batch_size", "2", "--image_batch_size", "2", *data_flags]
 
-    def run(out, *extra, train=tiny):
+    def run(out, *extra, train=tiny, more_train=()):
         monkeypatch.setattr(sys, "argv", ["sweep.py", "--seeds", "1", "--train_dataset", "Synthetic", "--test_datasets",
-                                          "Synthetic", "--out", str(out), *extra, "--", *train])
+                                          "Synthetic", "--out", str(out), *extra, "--", *train, *more_train])
         capsys.readouterr()
         code = 0
         try:
@@ -50,6 +50,11 @@ def test_sweep_runs_and_compares(run_sweep, data, tmp_path):
     code, stdout, _ = run_sweep(out, "--dry_run")
     assert code == 0 and stdout.count("done ") == 3 and stdout.count("todo ") == 1
     assert "todo cross_attention_seed1 test Synthetic" in stdout
+
+    # The same --out with another training flag: the finished runs are not reported as the new ones.
+    code, stdout, stderr = run_sweep(out, more_train=["--image_lr", "0.001"])
+    assert code == 2 and "baseline_seed1 train:" in stderr and "--image_lr: 0.0005 then, 0.001 now" in stderr
+    assert "start " not in stdout
 
 
 def test_failed_jobs_are_listed_and_nothing_is_compared(run_sweep, tmp_path, monkeypatch):

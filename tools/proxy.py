@@ -39,7 +39,7 @@ from cli import (RANDOM_WEIGHTS_BANNER, build_model, cli_main, epoch_checkpoints
 from dataset import get_dataset_info
 from dataset.make_metadata import build_metadata
 from dataset.synthetic import ALL_CLASSES, make_synthetic
-from forward_utils import AnchorFn, PromptBank, image_logits
+from forward_utils import PromptBank, image_logits
 from metrics import auroc, mean_metrics
 from model import AdaptedCLIP, get_tokenizer
 from utils.argtypes import non_negative_int, positive_float, positive_int
@@ -118,9 +118,22 @@ def score_classes(model: AdaptedCLIP, targs: argparse.Namespace, text_trained: b
     anchor_fn = targs.variant.anchor_fn(model, bank, targs, "test", text_trained)
     domain = get_dataset_info(TEST_DATASET)["domain"]
     loader = DataLoader(ds, batch_size=targs.batch_size, shuffle=False, num_workers=targs.num_workers)
-    maps, scores, masks = test_script.predict(model, model, loader, anchor_fn, domain, device, "proxy")
+    seen_anchors, seen_dets = [], []
+
+    def recording_anchors(images: torch.Tensor, class_idx: torch.Tensor) -> torch.Tensor:
+        seen_anchors.append(anchor_fn(images, class_idx))
+        return seen_anchors[-1]
+
+    def recording_forward(images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        seg_tokens, det_token = model(images)
+        seen_dets.append(det_token)
+        return seg_tokens, det_token
+
+    # One vision pass: test.py's own `predict`, whose anchors and det tokens also give the logit difference.
+    maps, scores, masks = test_script.predict(model, recording_forward, loader, recording_anchors, domain, device,
+                                              "proxy")
     per_class = test_script.evaluate_classes(ds, maps, scores, masks, domain)
-    difference = torch.cat([det_difference(model, batch, anchor_fn, device) for batch in loader])
+    difference = torch.cat([det_difference(d, a) for d, a in zip(seen_dets, seen_anchors)])
     labels = torch.tensor([int(s["label"]) for s in ds.samples], device=device)
     names = [s["class_name"] for s in ds.samples]
     for name, result in per_class.items():
@@ -135,12 +148,9 @@ def score_classes(model: AdaptedCLIP, targs: argparse.Namespace, text_trained: b
     return means
 
 
-def det_difference(model: AdaptedCLIP, batch: dict, anchor_fn: AnchorFn, device: torch.device) -> torch.Tensor:
-    """`(det @ T)[:, 1] - (det @ T)[:, 0]` of a batch: the margin Stage 2's cross-entropy trains. -> [B]."""
-    images = batch["image"].to(device)
-    with model.autocast():
-        anchors = anchor_fn(images, batch["class_idx"].to(device))
-        _, det_token = model(images)
+def det_difference(det_token: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """`(det @ T)[:, 1] - (det @ T)[:, 0]`: the margin Stage 2's cross-entropy trains.
+    det_token: [B, D], anchors: [B, D, 2] -> [B]."""
     logits = image_logits(det_token, anchors)
     return logits[:, 1] - logits[:, 0]
 
