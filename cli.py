@@ -7,6 +7,7 @@ import functools
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from dataset.check import validate_dataset
 from dataset.common import resolve_root
 from forward_utils import PromptBank, Variant
 from model import AdaptedCLIP, build_clip, get_tokenizer
+from model.adapter import FP8_RECIPES
 from utils.distributed import close_distributed, meet_and_close, rank, seed_everything
 from utils.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from utils.errors import UserError, own_message
@@ -79,10 +81,17 @@ def add_model_args(p: argparse.ArgumentParser, from_run: bool = False) -> None:
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16 autocast (fp32 weights and losses) or fp32; auto = bf16 on CUDA, fp32 on CPU (default: "
                         "%(default)s)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the adapted image forward (Stage 2 and test): fused kernels, faster after "
-                        "a compilation that takes tens of seconds (docs/benchmarks.md); pays off on long runs, "
-                        "not on one evaluation")
+    g.add_argument("--compile", nargs="?", choices=["auto", "on", "off"], default="auto", const="on",
+                   help="torch.compile the vision blocks (one compiled block serves all; inductor's on-disk cache makes "
+                        "a later run's compilation cheap). auto = on, on CUDA, with --fp8 and for a Stage 2 of at "
+                        f"least {COMPILE_PAYS_AFTER_IMAGES} images (epochs x images), where it pays; off for the default "
+                        "few-shot training and for evaluation, where compiling costs more than it saves "
+                        "(docs/benchmarks.md). --compile alone = on (default: %(default)s)")
+    g.add_argument("--fp8", choices=["none", *FP8_RECIPES], default="none",
+                   help="run the frozen vision blocks' linear layers in FP8 through torchao (needs torchao and a GPU "
+                        "with FP8 tensor cores: H100/H200, L4/L40): dynamic scales per tensor (tensorwise) or per row "
+                        "(rowwise). Faster test forward and Stage 2; losses and maps differ from bf16 by what "
+                        "docs/benchmarks.md measured (default: %(default)s)")
     g.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
 
 
@@ -173,6 +182,24 @@ def get_test_parser(description: str = "") -> argparse.ArgumentParser:
     return p
 
 
+# Images a training stage runs through before compiling its vision blocks pays for a cold compilation (about
+# 20 s on an H200 against about 1 ms saved per Stage-2 image: docs/benchmarks.md, run 8).
+COMPILE_PAYS_AFTER_IMAGES = 20_000
+
+
+def compile_for(model: AdaptedCLIP, args: argparse.Namespace, device: torch.device, batch_size: int,
+                images: int = 0) -> bool:
+    """Compiles the model's vision blocks for batches of `batch_size` images where --compile says so and
+    returns whether it did. `auto` compiles on CUDA with --fp8 (whose casts want fusing), and a stage that runs
+    through at least `COMPILE_PAYS_AFTER_IMAGES` images (`images`: its epochs x images; 0 for Stage 1, whose
+    baseline gains nothing, and for evaluation)."""
+    on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda"
+                                  and (args.fp8 != "none" or images >= COMPILE_PAYS_AFTER_IMAGES))
+    if on:
+        model.compile_blocks([batch_size])
+    return on
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`--precision auto`: bf16 on CUDA, fp32 elsewhere."""
     if precision == "auto":
@@ -184,7 +211,7 @@ def build_model(args: argparse.Namespace, variant: Variant, device: torch.device
     """The frozen CLIP with the variant's fresh adapters on `device`, as the flags say. The precision is
     settled here, once: a bf16 backbone is stored in bf16 and everything downstream reads
     `model.autocast()`."""
-    clip = build_clip(args.model, args.pretrained, args.image_size, args.quick_gelu)
+    clip = build_clip(args.model, args.pretrained, args.image_size, args.quick_gelu, device)
     try:
         model = variant.model_cls(
             clip, text_adapt_weight=args.text_adapt_weight, image_adapt_weight=args.image_adapt_weight,
@@ -198,7 +225,18 @@ def build_model(args: argparse.Namespace, variant: Variant, device: torch.device
         raise
     if resolve_precision(args.precision, device) == "bf16":
         model.set_backbone_dtype(torch.bfloat16)
-    return model.to(device)
+    model.to(device)
+    if args.fp8 != "none":
+        check_fp8(device)
+        model.use_fp8(args.fp8)
+    return model
+
+
+def check_fp8(device: torch.device) -> None:
+    """A UserError for --fp8 on a GPU without FP8 tensor cores (before Ada/Hopper, compute capability 8.9)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError(f"--fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 or higher: L4, L40, H100, "
+                        f"H200); {torch.cuda.get_device_name(device)} has none. Drop --fp8")
 
 
 def metadata_file(args: argparse.Namespace, dataset: str, shot: int | None) -> Path:
@@ -285,8 +323,10 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[AdaptedC
     the variant's text checkpoint (trained with --text_epoch 0) keeps the variant's untrained text path."""
     save_dir, variant = Path(args.save_path), args.variant
     seed_everything(args.seed)  # with --pretrained none, training's seed redraws its random backbone
-    model = build_model(args, variant, device)
-    args.weights_sha256 = check_weights(args)
+    with ThreadPoolExecutor(1) as pool:  # hashing the weight file overlaps building the model
+        digest = pool.submit(weights_digest, args.pretrained)
+        model = build_model(args, variant, device)
+        args.weights_sha256 = check_weights(args, digest.result())
     path = save_dir / variant.text_ckpt
     if not path.exists():
         if variant.needs_text_stage:
@@ -305,10 +345,10 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[AdaptedC
     return model, True
 
 
-def check_weights(args: argparse.Namespace) -> str | None:
-    """SHA-256 of the --pretrained file (None for 'none' or an open_clip tag); a `UserError` when the run
-    (`args.training_manifest`) was trained on a weight file with other bytes. A moved copy is fine."""
-    digest = weights_digest(args.pretrained)
+def check_weights(args: argparse.Namespace, digest: str | None) -> str | None:
+    """`digest`, the --pretrained file's SHA-256 (`weights_digest`: None for 'none' or an open_clip tag); a
+    `UserError` when the run (`args.training_manifest`) was trained on a weight file with other bytes. A
+    moved copy is fine."""
     trained = (args.training_manifest or {}).get("weights_sha256")
     if trained is not None and digest != trained:
         found = f"sha256 {digest[:12]}" if digest else "not a weight file"

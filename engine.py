@@ -4,6 +4,7 @@ and the two stages themselves (`train_text_adapter`, `train_image_adapter`) for 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -22,8 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from cli import (OPERATIONAL_KEYS, RANDOM_WEIGHTS_BANNER, build_model, get_train_parser, load_dataset, make_bank,
-                 metadata_file, resolve_precision, training_shot)
+from cli import (OPERATIONAL_KEYS, RANDOM_WEIGHTS_BANNER, build_model, compile_for, get_train_parser, load_dataset,
+                 make_bank, metadata_file, resolve_precision, training_shot)
 from dataset import ADDataset
 from forward_utils import (STAGE1_TERMS, STAGE2_TERMS, AnchorFn, PromptBank, Variant, stage1_loss_terms,
                            stage2_loss_terms, total_loss)
@@ -199,85 +200,78 @@ def text_adapter_step(model: AdaptedCLIP, batch: dict | None, optimizer: torch.o
     return _backward_and_step(loss, batch, optimizer, grad_mean, history, terms)
 
 
-ImageForwardFn = Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
+# (images [B, 3, S, S], anchors [B, D, 2], masks [B, 1, S, S], labels [B]) -> `stage2_loss_terms`
+Stage2TermsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
-class CompiledForward:
-    """`model(images)` through `torch.compile`: fuses the norms, activations and residual adds of all
-    blocks (speed and compile times in docs/benchmarks.md). Compiling takes tens of seconds, so only the
-    first batch size seen in each grad mode is compiled; other sizes (a loader's smaller last batch) run
-    eagerly instead of paying another compilation."""
+def stage2_terms(model: AdaptedCLIP, images: torch.Tensor, anchors: torch.Tensor, masks: torch.Tensor,
+                 labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Stage 2's image forward and loss terms, eagerly (`Stage2TermsFn`)."""
+    seg_tokens, det_token = model(images)
+    return stage2_loss_terms(seg_tokens, det_token, anchors, masks, labels, model.grid)
+
+
+class _Stage2Terms(nn.Module):
+    """`stage2_terms` as a module whose parameters are the model's, returning the terms as a tuple: what
+    `make_graphed_callables` needs to return the adapters' gradients from the graphed backward."""
 
     def __init__(self, model: AdaptedCLIP):
-        self.model = model
-        self.compiled = torch.compile(model.image_forward, dynamic=False)
-        self.batch: dict[bool, int] = {}  # grad mode -> the compiled batch size
-
-    def __call__(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        if images.shape[0] == self.batch.setdefault(torch.is_grad_enabled(), images.shape[0]):
-            return self.compiled(images)
-        return self.model(images)
-
-
-class _ImageForward(nn.Module):
-    """An image forward as a module whose parameters are the model's: what `make_graphed_callables` needs
-    to return the adapters' gradients from the graphed backward."""
-
-    def __init__(self, model: AdaptedCLIP, forward: ImageForwardFn):
         super().__init__()
-        self.model, self.fn = model, forward
+        self.model = model
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return self.fn(images)
+    def forward(self, images: torch.Tensor, anchors: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        terms = stage2_terms(self.model, images, anchors, masks, labels)
+        return tuple(terms[k] for k in STAGE2_TERMS)
 
 
-class CudaGraphForward:
-    """Stage 2's image forward and its backward replayed from CUDA graphs.
+class CudaGraphStage2:
+    """Stage 2's image forward, loss terms and their backward replayed from CUDA graphs (`Stage2TermsFn`).
 
-    At small batches a Stage-2 step is bound by Python launching the forward and backward kernels of every
-    block one by one; a graph launches them at once (profile in docs/benchmarks.md). The graphs are
-    captured with `torch.cuda.make_graphed_callables` (3 warm-up passes) on the first batch of
-    `batch_size` images; batches of another size (an epoch's last) run eagerly. They replay the same
-    kernels on the same parameters, which the optimizer updates in place. The image path has no
-    randomness (no dropout), so replaying computes what the eager step computes."""
+    At small batches a Stage-2 step is bound by Python launching the kernels of every block, and of the loss,
+    one by one; a graph launches them at once (profile in docs/benchmarks.md). The graphs are captured with
+    `torch.cuda.make_graphed_callables` (3 warm-up passes) on the first batch of `batch_size` images;
+    batches of another size (an epoch's last) run eagerly. They replay the same kernels on the same
+    parameters, which the optimizer updates in place. The image path and the loss have no randomness (no
+    dropout), so replaying computes what the eager step computes."""
 
-    def __init__(self, model: AdaptedCLIP, forward: ImageForwardFn, batch_size: int):
-        self.model, self.forward, self.batch_size = model, forward, batch_size
+    def __init__(self, model: AdaptedCLIP, batch_size: int):
+        self.model, self.batch_size = model, batch_size
         self.graphed: Callable | None = None
 
-    def __call__(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def __call__(self, images: torch.Tensor, anchors: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
+                 ) -> dict[str, torch.Tensor]:
         if images.shape[0] != self.batch_size:
-            return self.forward(images)
+            return stage2_terms(self.model, images, anchors, masks, labels)
         if self.graphed is None:
-            module = _ImageForward(self.model, self.forward).train(self.model.training)
+            module = _Stage2Terms(self.model).train(self.model.training)
             try:
                 with self.model.autocast():
-                    self.graphed = torch.cuda.make_graphed_callables(module, (images.clone(),))
+                    self.graphed = torch.cuda.make_graphed_callables(
+                        module, tuple(t.clone() for t in (images, anchors, masks, labels)))
             except RuntimeError as e:
                 raise UserError(f"capturing Stage 2's CUDA graph failed ({str(e).splitlines()[0]}); run the same "
                                 "command with --no_cuda_graph (it resumes from the last checkpoint), and add "
                                 "--debug for the traceback") from e
-        return self.graphed(images)
+        return dict(zip(STAGE2_TERMS, self.graphed(images, anchors, masks, labels)))
 
 
-def fast_image_forward(model: AdaptedCLIP, compile: bool = False, cuda_graph_batch: int | None = None
-                       ) -> ImageForwardFn:
-    """`model(images)` through the speed paths that are switched on: `torch.compile` (--compile), then for
-    Stage 2 on CUDA the CUDA graphs of batches of `cuda_graph_batch` images (None: no graphs)."""
-    forward: ImageForwardFn = CompiledForward(model) if compile else model
-    if cuda_graph_batch is not None:
-        forward = CudaGraphForward(model, forward, cuda_graph_batch)
-    return forward
+def fast_stage2(model: AdaptedCLIP, cuda_graph_batch: int | None = None) -> Stage2TermsFn:
+    """Stage 2's forward and loss terms, on CUDA through the CUDA graphs of batches of `cuda_graph_batch` images
+    (None: eagerly). The graphs replay the compiled blocks where `compile_blocks` compiled them."""
+    if cuda_graph_batch is None:
+        return functools.partial(stage2_terms, model)
+    return CudaGraphStage2(model, cuda_graph_batch)
 
 
 def image_adapter_step(model: AdaptedCLIP, batch: dict | None, optimizer: torch.optim.Optimizer,
                        scheduler: torch.optim.lr_scheduler.LRScheduler, anchor_fn: AnchorFn,
                        device: torch.device, grad_mean: GradMean | None = None,
-                       image_forward: ImageForwardFn | None = None,
+                       terms_fn: Stage2TermsFn | None = None,
                        history: StageHistory | None = None) -> torch.Tensor:
     """One Stage-2 step (the scheduler steps per iteration). Returns the detached loss; `batch`,
-    `grad_mean` and `history` as in `text_adapter_step`; `image_forward` replaces `model(images)`
-    (`fast_image_forward`)."""
+    `grad_mean` and `history` as in `text_adapter_step`; `terms_fn` computes the forward and loss terms
+    (`fast_stage2`; default: eagerly)."""
     optimizer.zero_grad(set_to_none=True)
     loss, terms = None, None
     if batch is not None:
@@ -288,8 +282,7 @@ def image_adapter_step(model: AdaptedCLIP, batch: dict | None, optimizer: torch.
         with model.autocast():
             with torch.no_grad():
                 anchors = anchor_fn(images, class_idx)
-            seg_tokens, det_token = (image_forward or model)(images)
-            terms = stage2_loss_terms(seg_tokens, det_token, anchors, masks, labels, model.grid)
+            terms = (terms_fn or functools.partial(stage2_terms, model))(images, anchors, masks, labels)
             loss = total_loss(terms)
     loss = _backward_and_step(loss, batch, optimizer, grad_mean, history, terms)
     scheduler.step()
@@ -819,6 +812,16 @@ def write_args(save_dir: Path, config: dict) -> None:
     write_output(json.dumps(dict(config, starts=[*starts, start]), indent=2), save_dir / "args.json", "--save_path")
 
 
+def compile_stage(run: Run, batch_size: int, images: int = 0) -> int:
+    """Compiles the vision blocks for this process's part of a stage's batches where --compile says so
+    (`images`: the stage's epochs x images, `cli.compile_for`); returns that part's size."""
+    local = len(shard(batch_size, world_size(), rank()))
+    if compile_for(run.model, run.args, run.device, local, images // world_size()):
+        run.logger.info(f"compiling the vision blocks for batches of {local} (--compile {run.args.compile}): the first "
+                        "steps take longer, less when inductor's on-disk cache holds them")
+    return local
+
+
 def train_text_adapter(run: Run) -> None:
     """Stage 1: trains the variant's text modules with one Adam optimizer, then freezes them."""
     args, model, modules = run.args, run.model, run.variant.modules(run.model)
@@ -829,6 +832,7 @@ def train_text_adapter(run: Run) -> None:
         params = [p for m in modules.values() for p in m.parameters()]
         optimizer = torch.optim.Adam(run.variant.param_groups(modules, args), betas=(0.5, 0.999))
         grad_mean = GradMean(params) if world_size() > 1 else None
+        compile_stage(run, args.text_batch_size)
         history = StageHistory("stage 1", STAGE1_TERMS, {k: list(m.parameters()) for k, m in modules.items()},
                                optimizer, run.save_dir / HISTORY_FILE)
         model.train()
@@ -856,9 +860,9 @@ def train_image_adapter(run: Run) -> None:
                            optimizer, run.save_dir / HISTORY_FILE)
     model.train()
     graphs = run.device.type == "cuda" and not args.no_cuda_graph
-    forward = fast_image_forward(model, args.compile,
-                                 len(shard(args.image_batch_size, world_size(), rank())) if graphs else None)
+    batch = compile_stage(run, args.image_batch_size, args.image_epoch * len(ds))
+    terms_fn = fast_stage2(model, batch if graphs else None)
     run_stage("stage 2", run.save_dir / "image_adapter.pth", state, args.image_epoch, ds, args.image_batch_size,
-              lambda b: image_adapter_step(model, b, optimizer, scheduler, anchor_fn, run.device, grad_mean, forward,
+              lambda b: image_adapter_step(model, b, optimizer, scheduler, anchor_fn, run.device, grad_mean, terms_fn,
                                            history),
               args, args.seed + 10_000, run.logger, keep_each_epoch=True, history=history)

@@ -110,13 +110,17 @@ def f1_max(scores: Tensor, labels: Tensor) -> float | None:
 def connected_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected ground-truth regions, numbered globally across images.
 
-    masks: [N, H, W] bool. Returns region ids [N, H, W] int64 (0 = background, 1..R) and R.
+    masks: [N, H, W] bool. Returns region ids [N, H, W] int32 (0 = background, 1..R) and R.
+    scipy labels each image straight into its slice of the output, and images without a region are
+    skipped: building a whole int64 copy per image took 5 ms of every 6 (MVTec: seconds per evaluation).
     """
-    ids = np.zeros(masks.shape, dtype=np.int64)
+    ids = np.zeros(masks.shape, dtype=np.int32)
     n_regions = 0
-    for i, mask in enumerate(masks):
-        labelled, n = scipy.ndimage.label(mask, structure=_STRUCTURE_8)
-        ids[i] = np.where(labelled > 0, labelled + n_regions, 0)
+    for i in np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1)):
+        n = scipy.ndimage.label(masks[i], structure=_STRUCTURE_8, output=ids[i])
+        if n_regions:
+            labelled = ids[i]
+            labelled[labelled > 0] += n_regions
         n_regions += n
     return ids, n_regions
 
@@ -144,7 +148,7 @@ def aupro(maps: Tensor, masks: Tensor, max_fpr: float = 0.3) -> float | None:
     Exact curve over every distinct score. Returns a value in [0, 1], or None without regions or negative pixels.
     """
     ids_np, n_regions = connected_regions(masks.bool().cpu().numpy())
-    ids = torch.from_numpy(ids_np).to(maps.device).reshape(-1)
+    ids = torch.from_numpy(ids_np).to(maps.device).reshape(-1).long()
     negative = ids == 0
     n_negative = int(negative.sum())
     if n_regions == 0 or n_negative == 0:

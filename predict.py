@@ -32,9 +32,8 @@ from dataset import DatasetError, get_dataset_info, get_real_name, load_image
 from dataset.check import UNREADABLE, read_size
 from dataset.loader import to_rgb
 from dataset.make_metadata import IMAGE_EXTS
-from cli import (RANDOM_WEIGHTS_BANNER, add_model_args, cli_main, epoch_checkpoints, load_image_adapter, load_model,
-                 parse_run_args)
-from engine import ImageForwardFn, fast_image_forward
+from cli import (RANDOM_WEIGHTS_BANNER, add_model_args, cli_main, compile_for, epoch_checkpoints, load_image_adapter,
+                 load_model, parse_run_args)
 from forward_utils import AnchorFn, PromptBank, anomaly_map, check_blur_fits, image_logits
 from model import AdaptedCLIP, get_tokenizer
 from utils.distributed import resolve_device
@@ -148,7 +147,7 @@ class ImageFiles(Dataset):
 
 
 @torch.no_grad()
-def predict_batches(model: AdaptedCLIP, forward: ImageForwardFn, loader: DataLoader, anchor_fn: AnchorFn, domain: str,
+def predict_batches(model: AdaptedCLIP, loader: DataLoader, anchor_fn: AnchorFn, domain: str,
                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per batch of one class (row 0 of the prompt bank): anomaly maps [B, S, S] and image scores [B], as
     test.predict computes them."""
@@ -157,7 +156,7 @@ def predict_batches(model: AdaptedCLIP, forward: ImageForwardFn, loader: DataLoa
         class_idx = torch.zeros(len(images), dtype=torch.long, device=device)
         with model.autocast():
             anchors = anchor_fn(images, class_idx)
-            seg_tokens, det_token = forward(images)
+            seg_tokens, det_token = model(images)
         yield (anomaly_map(seg_tokens, anchors, model.grid, images.shape[-1], domain),
                (image_logits(det_token, anchors)[:, 1] + 1) / 2)
 
@@ -244,7 +243,8 @@ def _predict(args: argparse.Namespace, device: torch.device, paths: list[Path], 
     loader = DataLoader(ImageFiles(paths, args.image_size), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     rows, files = [], iter(zip(paths, overlay_names(paths)))
-    for maps, scores in predict_batches(model, fast_image_forward(model, args.compile), loader, anchor_fn, domain,
+    compile_for(model, args, device, args.batch_size)
+    for maps, scores in predict_batches(model, loader, anchor_fn, domain,
                                         device):
         # zip pulls from `files` only while the batch has maps left, so files stay in step with batches.
         for amap, score, (path, name) in zip(maps.float().cpu().numpy(), scores.tolist(), files):

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from cli import (RANDOM_WEIGHTS_BANNER, cli_main, epoch_checkpoints, get_test_parser, load_dataset, load_image_adapter,
+from cli import (RANDOM_WEIGHTS_BANNER, cli_main, compile_for, epoch_checkpoints, get_test_parser, load_dataset, load_image_adapter,
                  load_model, metadata_file, parse_run_args)
 from dataset import ADDataset, get_dataset_info, read_metadata
-from engine import ImageForwardFn, fast_image_forward
 from forward_utils import AnchorFn, PromptBank, anomaly_map, check_blur_fits, image_logits
 from metrics import METRIC_NAMES, NonFiniteError, mean_metrics, metrics_eval
 from model import AdaptedCLIP, get_tokenizer
@@ -56,28 +56,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def predict(model: AdaptedCLIP, forward: ImageForwardFn, loader: DataLoader, anchor_fn: AnchorFn, domain: str,
+def predict(model: AdaptedCLIP, loader: Iterable[dict], anchor_fn: AnchorFn, domain: str,
             device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Anomaly maps [N, S, S], image scores `(s + 1) / 2` [N] and ground-truth masks [N, S, S] (bool) of
-    every image, in loader order; `forward` is the model's image forward (`fast_image_forward`)."""
+    every image, in loader order."""
     maps, scores, masks = [], [], []
     for batch in progress(loader, desc, enabled=is_main()):
         images = batch["image"].to(device, non_blocking=True)
         class_idx = batch["class_idx"].to(device, non_blocking=True)  # rows of `bank`, built from ds.class_names
         with model.autocast():
             anchors = anchor_fn(images, class_idx)
-            seg_tokens, det_token = forward(images)
+            seg_tokens, det_token = model(images)
         maps.append(anomaly_map(seg_tokens, anchors, model.grid, images.shape[-1], domain))
         scores.append((image_logits(det_token, anchors)[:, 1] + 1) / 2)
         masks.append(batch["mask"][:, 0].to(device, non_blocking=True).bool())
     return torch.cat(maps), torch.cat(scores), torch.cat(masks)
 
 
-def shard_loader(ds: ADDataset, batch_size: int, num_workers: int, device: torch.device
-                 ) -> tuple[DataLoader, list[int]]:
-    """This rank's loader and every rank's image count. The ranks take contiguous runs of whole batches,
-    so each image is scored in the very batch one process would put it in: the maps do not depend on
-    the number of processes (batch shapes can change kernels, and so low bits)."""
+class StartedLoader:
+    """A DataLoader whose first pass starts when it is made: its workers read and resize the first batches
+    while the model is built (evaluation start-up, docs/benchmarks.md). Later passes start as usual."""
+
+    def __init__(self, loader: DataLoader, start: bool):
+        self.loader = loader
+        self.started = iter(loader) if start and loader.num_workers else None
+
+    def __iter__(self):
+        started, self.started = self.started, None
+        return started if started is not None else iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def shard_loader(ds: ADDataset, batch_size: int, num_workers: int, device: torch.device, start: bool = False
+                 ) -> tuple[StartedLoader, list[int]]:
+    """This rank's loader (its first pass begun when `start`) and every rank's image count. The ranks take
+    contiguous runs of whole batches, so each image is scored in the very batch one process would put it
+    in: the maps do not depend on the number of processes (batch shapes can change kernels, and so low
+    bits)."""
     n_batches = math.ceil(len(ds) / batch_size)
 
     def images(r: int) -> range:
@@ -86,7 +103,7 @@ def shard_loader(ds: ADDataset, batch_size: int, num_workers: int, device: torch
 
     loader = DataLoader(Subset(ds, images(rank())), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    return loader, [len(images(r)) for r in range(world_size())]
+    return StartedLoader(loader, start), [len(images(r)) for r in range(world_size())]
 
 
 def evaluate_classes(ds: ADDataset, maps: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor,
@@ -178,25 +195,29 @@ BEST_ON_TEST_LABEL = "epoch chosen on the test set (optimistic)"
 
 @dataclass
 class EvalSet:
-    """Images to score: the dataset, this rank's loader and every rank's image count, the anchors of its
-    classes and its domain (the test-time blur)."""
+    """Images to score: the dataset, this rank's loader and every rank's image count, its domain (the
+    test-time blur) and, once the model is built (`with_anchors`), the anchors of its classes."""
     name: str
     ds: ADDataset
-    loader: DataLoader
+    loader: StartedLoader
     counts: list[int]
-    anchor_fn: AnchorFn
     domain: str
+    anchor_fn: AnchorFn | None = None
 
 
-def eval_set(model: AdaptedCLIP, ds: ADDataset, name: str, args: argparse.Namespace, device: torch.device,
-             text_trained: bool) -> EvalSet:
-    """`ds` (of dataset `name`) ready to score with the run's test anchors."""
-    domain = get_dataset_info(name)["domain"]
-    check_blur_fits(model.grid, domain)
-    bank = PromptBank(get_tokenizer(args.model), name, ds.class_names).to(device)
-    loader, counts = shard_loader(ds, args.batch_size, args.num_workers, device)
-    return EvalSet(name, ds, loader, counts, args.variant.anchor_fn(model, bank, args, "test", text_trained),
-                   domain)
+def eval_set(ds: ADDataset, name: str, args: argparse.Namespace, device: torch.device, start: bool) -> EvalSet:
+    """`ds` (of dataset `name`) to score; `start`: its loader's workers begin reading now."""
+    loader, counts = shard_loader(ds, args.batch_size, args.num_workers, device, start)
+    return EvalSet(name, ds, loader, counts, get_dataset_info(name)["domain"])
+
+
+def with_anchors(images: EvalSet, model: AdaptedCLIP, args: argparse.Namespace, device: torch.device,
+                 text_trained: bool) -> EvalSet:
+    """`images` ready to score with the run's test anchors."""
+    check_blur_fits(model.grid, images.domain)
+    bank = PromptBank(get_tokenizer(args.model), images.name, images.ds.class_names).to(device)
+    images.anchor_fn = args.variant.anchor_fn(model, bank, args, "test", text_trained)
+    return images
 
 
 @dataclass
@@ -209,11 +230,11 @@ class Scored:
     seconds: tuple[float, float]
 
 
-def score(model: AdaptedCLIP, forward: ImageForwardFn, images: EvalSet, device: torch.device, desc: str
+def score(model: AdaptedCLIP, images: EvalSet, device: torch.device, desc: str
           ) -> Scored | None:
     """Scores every image of `images` with the weights loaded now; the metrics on rank 0, None elsewhere."""
     t0 = time.perf_counter()
-    local = predict(model, forward, images.loader, images.anchor_fn, images.domain, device,
+    local = predict(model, images.loader, images.anchor_fn, images.domain, device,
                     desc) if images.counts[rank()] else None
     gathered = gather_rows(local, images.counts)
     if not is_main():
@@ -275,13 +296,13 @@ def heldout_dataset(args: argparse.Namespace, saved: dict) -> tuple[ADDataset, d
                   "training_list_checked": recorded is not None, "overlaps_target": name == args.dataset}
 
 
-def heldout_scores(model: AdaptedCLIP, forward: ImageForwardFn, held: EvalSet, checkpoints: dict[int, Path],
+def heldout_scores(model: AdaptedCLIP, held: EvalSet, checkpoints: dict[int, Path],
                    metric: str, device: torch.device, logger: logging.Logger) -> dict[int, dict]:
     """The mean metrics of every epoch on the held-out images (rank 0; {} on the others)."""
     means = {}
     for epoch, path in checkpoints.items():
         load_image_adapter(model, path)
-        scored = score(model, forward, held, device, f"held-out {held.name} epoch {epoch}")
+        scored = score(model, held, device, f"held-out {held.name} epoch {epoch}")
         if scored is not None:
             means[epoch] = mean_metrics(scored.results)
             value = means[epoch][metric]
@@ -374,14 +395,17 @@ def main() -> None:
 
         if mode == "heldout":  # before the model: a run without a held-out part stops at once
             held_ds, held_info = heldout_dataset(args, read_saved_args(save_dir))
+        # The loader scored first starts reading before the model is built.
+        target = eval_set(load_dataset(args, args.dataset, None), args.dataset, args, device, start=mode != "heldout")
+        held = eval_set(held_ds, held_info["dataset"], args, device, start=True) if mode == "heldout" else None
         t_start = time.perf_counter()
         model, text_trained = load_model(args, device)
         t_model = time.perf_counter() - t_start
         model.eval()
         for _, path in chosen:  # every checkpoint must load before anything is written
             load_image_adapter(model, path)
-        target = eval_set(model, load_dataset(args, args.dataset, None), args.dataset, args, device, text_trained)
-        held = eval_set(model, held_ds, held_info["dataset"], args, device, text_trained) if mode == "heldout" else None
+        for images in (target, held) if held else (target,):
+            with_anchors(images, model, args, device, text_trained)
         if is_main():
             ensure_writable_dir(results_dir, "--results_dir")
             remove_stale_temporaries(results_dir)
@@ -390,14 +414,14 @@ def main() -> None:
     if banner:
         logger.info(banner)
     suffix = args.variant.result_suffix(args)
-    forward = fast_image_forward(model, args.compile)
+    compile_for(model, args, device, args.batch_size)
     test_list = metadata_file(args, args.dataset, None)
     inputs = manifest(args.pretrained, {f"{args.dataset}/{test_list.name}": test_list}, args.weights_sha256)
     label, selection_scores, chosen_epoch = None, {}, None
     if mode == "heldout":
         label = heldout_label(held_info)
         logger.info(f"--select_epoch heldout: {held_info['definition']}, {held_info['images']} images")
-        selection_scores = heldout_scores(model, forward, held, checkpoints, metric, device, logger)
+        selection_scores = heldout_scores(model, held, checkpoints, metric, device, logger)
         with same_outcome():
             chosen_epoch = pick_epoch(selection_scores, metric, f"the held-out {held.name} images") if is_main() else None
         chosen_epoch = gather_objects(chosen_epoch)[0]  # every rank then evaluates that epoch on the target
@@ -422,7 +446,7 @@ def main() -> None:
     kept: tuple[int, Path, Scored] | None = None  # the evaluation a selection reports
     for epoch, path in chosen:
         load_image_adapter(model, path)
-        scored = score(model, forward, target, device, f"{args.dataset} epoch {epoch}")
+        scored = score(model, target, device, f"{args.dataset} epoch {epoch}")
         if scored is None:
             continue
         on = f" on {world_size()} processes" if world_size() > 1 else ""

@@ -6,6 +6,10 @@ attention, and runs flash attention under bf16 autocast.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,7 +67,9 @@ def attention(
         v = F.linear(x, attn.in_proj_weight[2 * c:], attn.in_proj_bias[2 * c:])
         q = k = v = v.view(b, n, heads, c // heads).transpose(1, 2)
     else:
-        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        # `qkv_proj` exists once `AdaptedCLIP.use_fp8` has made the projection an FP8 linear.
+        proj = getattr(attn, "qkv_proj", None)
+        qkv = proj(x) if proj is not None else F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return attn.out_proj(out.transpose(1, 2).reshape(b, n, c))
@@ -96,6 +102,18 @@ def _block(block: nn.Module, x: torch.Tensor, causal: bool, value_only: bool, ba
         a = attention(block.attn, h, causal=causal, value_only=value_only)
     x = x + block.ls_1(a)
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+# Recompilations allowed per compiled function: one graph per attention kind, grad mode, dtype and batch size.
+RECOMPILE_LIMIT = 64
+FP8_RECIPES = ("tensorwise", "rowwise")
+
+
+@functools.cache
+def compiled(fn: Callable, backend: str = "inductor") -> Callable:
+    """`torch.compile(fn)`, made once per function and backend, so every model shares its compiled graphs."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(fn, backend=backend, dynamic=False)
 
 
 def default_levels(depth: int) -> list[int]:
@@ -164,6 +182,9 @@ class AdaptedCLIP(nn.Module):
         })
         xavier_init(self.text_adapter)
         xavier_init(self.image_adapter)
+        self.compiled_batch_sizes: set[int] = set()
+        self.compile_backend = "inductor"
+        self.fp8: str | None = None
 
     @property
     def backbone_dtype(self) -> torch.dtype:
@@ -187,6 +208,60 @@ class AdaptedCLIP(nn.Module):
         """Stores the frozen CLIP in `dtype` (bf16 for `--precision bf16`): its blocks then run in bf16
         without autocast casts; the trained adapters keep fp32 weights and run under autocast."""
         self.clip.to(dtype)
+
+    def compile_blocks(self, batch_sizes: Iterable[int], backend: str = "inductor") -> None:
+        """Runs the vision blocks and the image adapters' residual mixing through `torch.compile` for batches
+        of `batch_sizes` images; other sizes (an epoch's smaller last batch) run eagerly instead of paying
+        another compilation. Compilation is regional: the block's weights are inputs of the compiled graph,
+        not constants, so one graph per attention kind (plain or V-V) and grad mode serves all blocks, and
+        compiling costs one block's time instead of the whole depth's. Inductor keeps what it built in its
+        on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_<user>), so a later process
+        compiles in a fraction of the time (docs/benchmarks.md)."""
+        self.compiled_batch_sizes.update(batch_sizes)
+        self.compile_backend = backend
+
+    def _maybe_compiled(self, fn: Callable, x: torch.Tensor) -> Callable:
+        return compiled(fn, self.compile_backend) if x.shape[0] in self.compiled_batch_sizes else fn
+
+    def vision_block(self, i: int, x: torch.Tensor, value_only: bool = False) -> torch.Tensor:
+        """Vision block i (0-based), compiled for the batch sizes of `compile_blocks`. x: [B, 1 + N, Wv]."""
+        batch_mixing = value_only and self.surgery_batch_mixing
+        return self._maybe_compiled(block_forward, x)(self.clip.visual.transformer.resblocks[i], x,
+                                                      value_only=value_only, batch_mixing=batch_mixing)
+
+    def adapt_image(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Residual image adapter after 0-based vision block i < `image_adapt_until`. x: [B, 1 + N, Wv]."""
+        return self._maybe_compiled(mix_residual, x)(x, self.image_adapter["layer_adapters"][i],
+                                                     self.image_adapt_weight)
+
+    def use_fp8(self, recipe: str = "tensorwise") -> None:
+        """Runs the frozen vision blocks' linear layers (q/k/v, attention output, MLP) as torchao's FP8
+        linears: inputs, weights and the gradients flowing back are cast to float8 with dynamic scales
+        (`recipe`: one scale per tensor, or per row), on the FP8 tensor cores of an H100/H200. The V-V
+        attention's value projection and the text side stay in bf16. Pays under `compile_blocks`, which
+        fuses the casts."""
+        try:
+            from torchao.float8 import Float8LinearConfig, ScalingGranularity, ScalingType, convert_to_float8_training
+        except ImportError:
+            raise UserError("--fp8 needs torchao: pip install torchao") from None
+        if recipe not in FP8_RECIPES:
+            raise UserError(f"unknown FP8 recipe {recipe!r}; choose one of {', '.join(FP8_RECIPES)}")
+        # The weights are frozen: their gradient, which torchao's backward would compute from float8 casts that
+        # need the token count divisible by 16 (2 x 1370 tokens is not), is left in bf16, where compilation
+        # drops it as unused.
+        config = Float8LinearConfig.from_recipe_name(recipe)
+        config = dataclasses.replace(config, **{
+            name: dataclasses.replace(getattr(config, name), scaling_type=ScalingType.DISABLED,
+                                      scaling_granularity=ScalingGranularity.TENSORWISE)
+            for name in ("cast_config_input_for_grad_weight", "cast_config_grad_output_for_grad_weight")})
+        transformer = self.clip.visual.transformer
+        for block in transformer.resblocks:
+            attn = block.attn
+            qkv = nn.Linear(attn.embed_dim, 3 * attn.embed_dim, device="meta")
+            qkv.weight, qkv.bias = attn.in_proj_weight, attn.in_proj_bias
+            attn.qkv_proj = qkv
+        convert_to_float8_training(transformer, config=config)
+        self.fp8 = recipe
 
     def train(self, mode: bool = True) -> "AdaptedCLIP":
         """The frozen CLIP always stays in eval mode."""
@@ -276,9 +351,9 @@ class AdaptedCLIP(nn.Module):
         x = self.embed_image(image)
         taps = []
         for i in range(max(self.levels)):
-            x = block_forward(self.clip.visual.transformer.resblocks[i], x)
+            x = self.vision_block(i, x)
             if i < self.image_adapt_until:
-                x = mix_residual(x, self.image_adapter["layer_adapters"][i], self.image_adapt_weight)
+                x = self.adapt_image(i, x)
             if i + 1 in self.levels:
                 taps.append(self.clip.visual.ln_post(x[:, 1:]))
         seg_tokens = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.image_adapter["seg_proj"], taps)]
@@ -296,19 +371,18 @@ class AdaptedCLIP(nn.Module):
         paths. image: [B, 3, S, S] -> (levels x [B, N, D], cls [B, D]).
         """
         levels = self.levels if levels is None else levels
-        blocks = self.clip.visual.transformer.resblocks
         trunk_end = min(self.surgery_start, max(levels))
         taps: dict[int, torch.Tensor] = {}
         x = self.embed_image(image)
         for i in range(trunk_end):
-            x = block_forward(blocks[i], x)
+            x = self.vision_block(i, x)
             if i + 1 in levels:
                 taps[i + 1] = x[:, 1:]
         plain = x
         for i in range(trunk_end, self.vision_depth):
-            plain = block_forward(blocks[i], plain)
+            plain = self.vision_block(i, plain)
         for i in range(trunk_end, max(levels)):
-            x = block_forward(blocks[i], x, value_only=True, batch_mixing=self.surgery_batch_mixing)
+            x = self.vision_block(i, x, value_only=True)
             if i + 1 in levels:
                 taps[i + 1] = x[:, 1:]
         cls = self.project_tokens(plain[:, :1])[:, 0]

@@ -199,10 +199,12 @@ def load_clip_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     """Loads a CLIP state dict into `model`, resizing the vision positional embedding to the model's
     grid (bicubic, antialias, CLS kept: open_clip's `resize_pos_embed`).
 
-    Floating tensors are upcast to fp32 first, as open_clip does: OpenAI's archives and `.half()` files
-    hold fp16 tensors, which the antialiased bicubic resize does not support, and the model is fp32 anyway
-    (the upcast is exact). Non-tensor entries are left for `load_state_dict` to reject."""
-    sd = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    The positional embeddings are upcast to fp32 first: OpenAI's archives and `.half()` files hold fp16
+    tensors, which the antialiased bicubic resize does not support (the upcast is exact). The other tensors
+    keep their dtype here and `load_state_dict` casts them while copying them into the fp32 model: the same
+    values, without an fp32 copy of the whole file on the CPU. Non-tensor entries are left for
+    `load_state_dict` to reject."""
+    sd = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() and "positional_embedding" in k else v
           for k, v in state_dict.items()}
     if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
@@ -231,12 +233,16 @@ def build_clip(
     pretrained: str = "none",
     image_size: int | None = 518,
     quick_gelu: bool = False,
+    device: torch.device | str = "cpu",
 ) -> torch.nn.Module:
-    """Builds an open_clip CLIP (on the CPU, fp32, eval mode, frozen) at `image_size`.
+    """Builds an open_clip CLIP (fp32, eval mode, frozen) at `image_size`.
 
     `pretrained`: `none` (random weights), `openai` (open_clip's download/cache), or a weight file.
     The default activation is plain GELU as in the original AA-CLIP code; `quick_gelu=True` gives the
     activation the OpenAI weights were trained with.
+    `device`: where a model with weights is built; its random initialisation, which the weights
+    overwrite, then costs milliseconds on a GPU instead of seconds on the CPU. Random weights
+    (`none`) are always drawn on the CPU, so a seed gives the same backbone on every device.
     """
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
@@ -253,8 +259,9 @@ def build_clip(
     # weights are loaded below.
     logging.disable(logging.WARNING)
     try:
-        model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size,
-                                       force_quick_gelu=quick_gelu)
+        with torch.device("cpu" if pretrained == "none" else device):
+            model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size,
+                                           force_quick_gelu=quick_gelu)
     finally:
         logging.disable(logging.NOTSET)
     if pretrained != "none":

@@ -41,7 +41,7 @@ def maps_of_test_predict(variant, runs, data):
                    class_names=[CLASS])
     bank = PromptBank(get_tokenizer("tiny"), "Synthetic", ds.class_names)
     anchor_fn = args.variant.anchor_fn(model, bank, args, "test", text_trained)
-    maps, scores, _ = test_script.predict(model, model, DataLoader(ds, batch_size=4), anchor_fn, "Industrial", device,
+    maps, scores, _ = test_script.predict(model, DataLoader(ds, batch_size=4), anchor_fn, "Industrial", device,
                                           "test")
     return {str(data / "syn" / s["image_path"]): (m, s_) for s, m, s_ in zip(ds.samples, maps, scores)}
 

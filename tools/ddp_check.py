@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from forward_utils import PromptBank, class_anchor_fn  # noqa: E402
 from model import AdaptedCLIP, build_clip, get_tokenizer  # noqa: E402
 from tools.benchmark import MVTEC_CLASSES, fake_batch, fake_run, make_mvtec_like  # noqa: E402
-from engine import GradMean, fast_image_forward, image_adapter_step, text_adapter_step  # noqa: E402
+from engine import GradMean, fast_stage2, image_adapter_step, text_adapter_step  # noqa: E402
 from cli import RANDOM_WEIGHTS_BANNER  # noqa: E402
 from utils.distributed import close_distributed, init_distributed, is_main, rank, shard, world_size  # noqa: E402
 
@@ -114,8 +114,8 @@ def steps_role(args: argparse.Namespace) -> None:
         model.train()
         # As train.py: on CUDA each full slice replays a CUDA graph.
         local_batch = len(shard(args.batch, world_size(), rank()))
-        forward = fast_image_forward(model, cuda_graph_batch=local_batch if device.type == "cuda" else None)
-        return run_steps(lambda b: image_adapter_step(model, b, opt, sched, anchor_fn, device, grad_mean, forward),
+        terms_fn = fast_stage2(model, cuda_graph_batch=local_batch if device.type == "cuda" else None)
+        return run_steps(lambda b: image_adapter_step(model, b, opt, sched, anchor_fn, device, grad_mean, terms_fn),
                          args.steps, args.warmup, args.batch, args.image_size, device)
 
     out["stage2_fp32"] = stage2()

@@ -124,14 +124,12 @@ def score_classes(model: AdaptedCLIP, targs: argparse.Namespace, text_trained: b
         seen_anchors.append(anchor_fn(images, class_idx))
         return seen_anchors[-1]
 
-    def recording_forward(images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        seg_tokens, det_token = model(images)
-        seen_dets.append(det_token)
-        return seg_tokens, det_token
-
     # One vision pass: test.py's own `predict`, whose anchors and det tokens also give the logit difference.
-    maps, scores, masks = test_script.predict(model, recording_forward, loader, recording_anchors, domain, device,
-                                              "proxy")
+    hook = model.register_forward_hook(lambda module, inputs, outputs: seen_dets.append(outputs[1]))
+    try:
+        maps, scores, masks = test_script.predict(model, loader, recording_anchors, domain, device, "proxy")
+    finally:
+        hook.remove()
     per_class = test_script.evaluate_classes(ds, maps, scores, masks, domain)
     difference = torch.cat([det_difference(d, a) for d, a in zip(seen_dets, seen_anchors)])
     labels = torch.tensor([int(s["label"]) for s in ds.samples], device=device)
