@@ -82,10 +82,10 @@ def add_model_args(p: argparse.ArgumentParser, from_run: bool = False) -> None:
                    help="bf16 autocast (fp32 weights and losses) or fp32; auto = bf16 on CUDA, fp32 on CPU (default: "
                         "%(default)s)")
     g.add_argument("--compile", nargs="?", choices=["auto", "on", "off"], default="auto", const="on",
-                   help="torch.compile the vision blocks (one compiled block serves all; inductor's on-disk cache makes "
-                        "a later run's compilation cheap). auto = on, on CUDA, with --fp8 and for a Stage 2 of at "
-                        f"least {COMPILE_PAYS_AFTER_IMAGES} images (epochs x images), where it pays; off for the default "
-                        "few-shot training and for evaluation, where compiling costs more than it saves "
+                   help="torch.compile the vision blocks (one compiled block serves all; inductor's on-disk cache "
+                        "makes a later run's compilation cheap). auto = on, on CUDA, with --fp8 and for a Stage 2 of "
+                        f"at least {COMPILE_PAYS_AFTER_IMAGES} images (epochs x images), where it pays; off for the "
+                        "default few-shot training and for evaluation, where compiling costs more than it saves "
                         "(docs/benchmarks.md). --compile alone = on (default: %(default)s)")
     g.add_argument("--fp8", choices=["none", *FP8_RECIPES], default="none",
                    help="run the frozen vision blocks' linear layers in FP8 through torchao (needs torchao and a GPU "

@@ -107,6 +107,15 @@ def f1_max(scores: Tensor, labels: Tensor) -> float | None:
     return _f1_max_from_counts(*binary_curve_counts(scores, labels))
 
 
+def label_regions(mask: np.ndarray) -> np.ndarray:
+    """8-connected regions of one mask. mask: [H, W] (nonzero = anomalous) -> int32 [H, W], 0 = background,
+    1..R (what `aupro` and `metrics_eval` take as a labelled mask)."""
+    out = np.zeros(mask.shape, dtype=np.int32)
+    if mask.any():
+        scipy.ndimage.label(mask, structure=_STRUCTURE_8, output=out)
+    return out
+
+
 def connected_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected ground-truth regions, numbered globally across images.
 
@@ -123,6 +132,20 @@ def connected_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
             labelled[labelled > 0] += n_regions
         n_regions += n
     return ids, n_regions
+
+
+def global_region_ids(masks: Tensor) -> tuple[Tensor, int]:
+    """Region ids numbered across images, on the masks' device. masks: [N, H, W], bool (labelled here,
+    `connected_regions`) or integer per-image region labels (`label_regions`, e.g. from the loader's
+    workers). Returns ids [N * H * W] int64 (0 = background, 1..R) and R."""
+    if masks.dtype == torch.bool:
+        ids_np, n_regions = connected_regions(masks.cpu().numpy())
+        return torch.from_numpy(ids_np).to(masks.device).reshape(-1).long(), n_regions
+    labels = masks.long()
+    counts = labels.flatten(1).amax(dim=1)  # labels run 1..R_i in each image
+    offsets = torch.cumsum(counts, 0) - counts
+    ids = torch.where(labels > 0, labels + offsets[:, None, None], 0)
+    return ids.reshape(-1), int(counts.sum())
 
 
 def _trapezoid_up_to(x: Tensor, y: Tensor, x_max: float) -> Tensor:
@@ -144,11 +167,11 @@ def _trapezoid_up_to(x: Tensor, y: Tensor, x_max: float) -> Tensor:
 def aupro(maps: Tensor, masks: Tensor, max_fpr: float = 0.3) -> float | None:
     """Normalised area under the per-region-overlap curve up to FPR = max_fpr (MVTec AD).
 
-    maps: [N, H, W] scores; masks: [N, H, W] bool (nonzero = anomalous); 0 < max_fpr <= 1.
+    maps: [N, H, W] scores; masks: [N, H, W] bool (nonzero = anomalous), or per-image region labels
+    (`global_region_ids`); 0 < max_fpr <= 1.
     Exact curve over every distinct score. Returns a value in [0, 1], or None without regions or negative pixels.
     """
-    ids_np, n_regions = connected_regions(masks.bool().cpu().numpy())
-    ids = torch.from_numpy(ids_np).to(maps.device).reshape(-1).long()
+    ids, n_regions = global_region_ids(masks.to(maps.device))
     negative = ids == 0
     n_negative = int(negative.sum())
     if n_regions == 0 or n_negative == 0:
@@ -209,7 +232,8 @@ def metrics_eval(
     """Per-class evaluation as AA-CLIP defines it (image score: see the domain below).
 
     pixel_maps: [N, H, W]; image_scores: [N] (the (s + 1) / 2 detection scores); labels: [N]
-    (nonzero = anomalous); masks: [N, H, W] bool or None; domain: "Industrial" or "Medical".
+    (nonzero = anomalous); masks: [N, H, W] bool, or int per-image region labels (`label_regions`, which
+    `aupro` then does not label again), or None; domain: "Industrial" or "Medical".
     Returns METRIC_NAMES -> percent, None where undefined. Raises NonFiniteError (naming `class_name`)
     when a map value or score is NaN or inf.
     """

@@ -192,8 +192,10 @@ class AdaptedCLIP(nn.Module):
 
     @property
     def precision(self) -> str:
-        """"bf16" or "fp32", as `--precision` settled it when the model was built."""
-        return "bf16" if self.backbone_dtype == torch.bfloat16 else "fp32"
+        """"bf16" or "fp32", as `--precision` settled it when the model was built, with "+fp8 <recipe>" once
+        `use_fp8` made the vision blocks' linear layers FP8 (logs and results JSON)."""
+        dtype = "bf16" if self.backbone_dtype == torch.bfloat16 else "fp32"
+        return dtype + (f"+fp8 {self.fp8}" if self.fp8 else "")
 
     def autocast(self) -> torch.autocast:
         """The one precision context of every forward: bf16 autocast when the backbone is stored in bf16

@@ -10,6 +10,7 @@ import threading
 import urllib.parse
 import urllib.request
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import open_clip
@@ -255,6 +256,14 @@ def build_clip(
         raise UserError(f"--image_size {image_size} is not a multiple of {model_name}'s patch size {patch}")
     # The weights' file first: an offline machine stops before the model is built.
     path = _download_openai(model_name) if pretrained == "openai" else pretrained
+    state_dict = None
+    if pretrained != "none":
+        build_on = torch.device(device)
+        with ThreadPoolExecutor(1) as pool:  # CUDA starts (a second or two) while the file is read
+            started = pool.submit(torch.cuda.init) if build_on.type == "cuda" else None
+            state_dict = load_state_dict_file(path)
+            if started is not None:
+                started.result()
     # open_clip logs "No pretrained weights loaded" to stderr (before any error line), although the
     # weights are loaded below.
     logging.disable(logging.WARNING)
@@ -264,8 +273,8 @@ def build_clip(
                                            force_quick_gelu=quick_gelu)
     finally:
         logging.disable(logging.NOTSET)
-    if pretrained != "none":
-        load_clip_weights(model, load_state_dict_file(path), str(path))
+    if state_dict is not None:
+        load_clip_weights(model, state_dict, str(path))
     model.eval().requires_grad_(False)
     return model
 

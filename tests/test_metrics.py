@@ -14,6 +14,8 @@ from metrics import (
     binary_metrics,
     connected_regions,
     f1_max,
+    global_region_ids,
+    label_regions,
     mean_metrics,
     metrics_eval,
 )
@@ -114,6 +116,22 @@ def test_aupro_matches_naive(seed: int, max_fpr: float) -> None:
     assert n_regions >= 4 and n_regions_4 > n_regions  # several regions, some only 8-connected
     got = aupro(torch.from_numpy(maps), torch.from_numpy(masks), max_fpr=max_fpr)
     assert got == pytest.approx(_naive_aupro(maps.astype(np.float64), masks, max_fpr), abs=1e-9)
+    # The same masks labelled per image, as test.py's loader workers give them: the same curve.
+    labelled = torch.from_numpy(np.stack([label_regions(m) for m in masks]))
+    assert labelled.dtype == torch.int32 and int(labelled.amax()) < n_regions
+    assert aupro(torch.from_numpy(maps), labelled, max_fpr=max_fpr) == pytest.approx(got, abs=1e-12)
+
+
+def test_per_image_labels_number_the_same_regions_globally() -> None:
+    """`global_region_ids` of per-image labels: the partition `connected_regions` finds, numbered 1..R."""
+    masks = _random_blob_masks(np.random.default_rng(7), 4, 12, 12)
+    masks[1] = False  # an image without regions
+    ids_np, n = connected_regions(masks)
+    ids, n_labelled = global_region_ids(torch.from_numpy(np.stack([label_regions(m) for m in masks])))
+    assert n_labelled == n
+    assert sorted(set(ids.tolist())) == list(range(n + 1))
+    pairs = set(zip(ids.tolist(), ids_np.reshape(-1).tolist()))
+    assert len(pairs) == n + 1  # one-to-one: the same regions under other numbers
 
 
 def test_diagonal_pixels_are_one_region() -> None:
