@@ -240,8 +240,8 @@ class AdaptedCLIP(nn.Module):
         """Runs the frozen vision blocks' linear layers (q/k/v, attention output, MLP) as torchao's FP8
         linears: inputs, weights and the gradients flowing back are cast to float8 with dynamic scales
         (`recipe`: one scale per tensor, or per row), on the FP8 tensor cores of an H100/H200. The V-V
-        attention's value projection and the text side stay in bf16. Pays under `compile_blocks`, which
-        fuses the casts."""
+        attention's value projection and the text side stay in bf16. Meant to run under `compile_blocks`,
+        which fuses the casts; at ViT-L's width it is still no faster than bf16 compiled (docs/benchmarks.md)."""
         try:
             from torchao.float8 import Float8LinearConfig, ScalingGranularity, ScalingType, convert_to_float8_training
         except ImportError:

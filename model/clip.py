@@ -205,8 +205,8 @@ def load_clip_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     keep their dtype here and `load_state_dict` casts them while copying them into the fp32 model: the same
     values, without an fp32 copy of the whole file on the CPU. Non-tensor entries are left for
     `load_state_dict` to reject."""
-    sd = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() and "positional_embedding" in k else v
-          for k, v in state_dict.items()}
+    sd = {k: v.float() if "positional_embedding" in k and isinstance(v, torch.Tensor) and v.is_floating_point()
+          else v for k, v in state_dict.items()}
     if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
     # open_clip's resizing asserts on another width: compare shapes first (positional embeddings
@@ -258,17 +258,20 @@ def build_clip(
     path = _download_openai(model_name) if pretrained == "openai" else pretrained
     state_dict = None
     if pretrained != "none":
-        build_on = torch.device(device)
         with ThreadPoolExecutor(1) as pool:  # CUDA starts (a second or two) while the file is read
-            started = pool.submit(torch.cuda.init) if build_on.type == "cuda" else None
+            started = pool.submit(torch.cuda.init) if torch.device(device).type == "cuda" else None
             state_dict = load_state_dict_file(path)
             if started is not None:
                 started.result()
     # open_clip logs "No pretrained weights loaded" to stderr (before any error line), although the
     # weights are loaded below.
     logging.disable(logging.WARNING)
+    build_on = torch.device("cpu" if pretrained == "none" else device)
+    # A model with weights draws its (overwritten) initialisation from forked generators, so the seeded RNG
+    # that initialises the adapters next is in the same state whichever device the model is built on.
+    forked = [] if pretrained == "none" else [build_on] if build_on.type == "cuda" else []
     try:
-        with torch.device("cpu" if pretrained == "none" else device):
+        with torch.random.fork_rng(devices=forked, enabled=pretrained != "none"), build_on:
             model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size,
                                            force_quick_gelu=quick_gelu)
     finally:

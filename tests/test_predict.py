@@ -30,20 +30,39 @@ def test_inputs_are_preprocessed_as_the_test_loader_does(data):
         assert torch.equal(load_image(str(data / "syn" / ds.samples[i]["image_path"]), 56), ds[i]["image"])
 
 
-def maps_of_test_predict(variant, runs, data):
-    """Maps and scores of `test.predict` for the class's images, with test.py's own model set-up."""
-    device = torch.device("cpu")
+def load_run_model(variant, runs, data, ds):
+    """test.py's own set-up of a run's model (epoch 1) and the anchors of `ds`'s classes, on the CPU."""
     args = test_script.parse_args(["--save_path", str(runs / variant), *data_args(data), "--precision", "fp32"])
-    model, text_trained = cli.load_model(args, device)
+    model, text_trained = cli.load_model(args, torch.device("cpu"))
     cli.load_image_adapter(model, cli.epoch_checkpoints(runs / variant)[1])
     model.eval()
+    bank = PromptBank(get_tokenizer("tiny"), "Synthetic", ds.class_names)
+    return model, args.variant.anchor_fn(model, bank, args, "test", text_trained)
+
+
+def maps_of_test_predict(variant, runs, data):
+    """Maps and scores of `test.predict` for the class's images, with test.py's own model set-up."""
     ds = ADDataset(str(data / "syn"), str(data / "meta" / "Synthetic" / "full-shot.jsonl"), image_size=56,
                    class_names=[CLASS])
-    bank = PromptBank(get_tokenizer("tiny"), "Synthetic", ds.class_names)
-    anchor_fn = args.variant.anchor_fn(model, bank, args, "test", text_trained)
-    maps, scores, _ = test_script.predict(model, DataLoader(ds, batch_size=4), anchor_fn, "Industrial", device,
-                                          "test")
+    model, anchor_fn = load_run_model(variant, runs, data, ds)
+    maps, scores, _ = test_script.predict(model, DataLoader(ds, batch_size=4), anchor_fn, "Industrial",
+                                          torch.device("cpu"), "test")
     return {str(data / "syn" / s["image_path"]): (m, s_) for s, m, s_ in zip(ds.samples, maps, scores)}
+
+
+def test_regions_labelled_by_the_loader_workers_give_the_same_metrics(runs, data):
+    """test.py's loader (two worker processes) labels each mask's regions; `predict` returns them as int32
+    labels whose nonzero pixels are the dataset's masks, and the per-class metrics from them equal those from
+    the plain boolean masks, whose regions AUPRO labels itself on the CPU."""
+    ds = ADDataset(str(data / "syn"), str(data / "meta" / "Synthetic" / "full-shot.jsonl"), image_size=56)
+    model, anchor_fn = load_run_model("baseline", runs, data, ds)
+    loader, _ = test_script.shard_loader(ds, 4, 2, torch.device("cpu"), start=True)
+    maps, scores, regions = test_script.predict(model, loader, anchor_fn, "Industrial", torch.device("cpu"), "test")
+    masks = torch.stack([ds[i]["mask"][0] != 0 for i in range(len(ds))])
+    assert regions.dtype == torch.int32 and torch.equal(regions > 0, masks) and int(regions.amax()) >= 1
+    from_workers = test_script.evaluate_classes(ds, maps, scores, regions, "Industrial")
+    assert from_workers == test_script.evaluate_classes(ds, maps, scores, masks, "Industrial")
+    assert all(r["pixel_aupro"] is not None for r in from_workers.values())
 
 
 @pytest.mark.parametrize("variant", ["baseline", "cross_attention"])

@@ -171,3 +171,19 @@ def test_half_state_dict_at_another_size_regression(source, tmp_path):
     expected = {POS: stored[POS].float()}
     open_clip.model.resize_pos_embed(expected, model)
     torch.testing.assert_close(model.visual.positional_embedding, expected[POS], rtol=0, atol=0)
+
+
+def test_building_with_weights_leaves_the_seeded_rng_alone(tmp_path):
+    """The initialisation that a weight file overwrites draws from forked generators: after the build the
+    seeded RNG is where the seed put it (so the adapters initialise the same whichever device the backbone
+    is built on), while a random backbone (`none`) draws from it, as test.py's redraw from the seed needs."""
+    path = tmp_path / "w.pt"
+    torch.save(build_clip("tiny", "none", 56).state_dict(), path)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    build_clip("tiny", str(path), 56)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(3)
+    build_clip("tiny", "none", 56)
+    assert not torch.equal(torch.rand(4), expected)

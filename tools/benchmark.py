@@ -166,8 +166,8 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
     (`compile_blocks`, what --compile runs), the FP8 linears or not (--fp8). Stage 2 runs through
     `CudaGraphStage2` (what train.py runs on CUDA) and, without compilation, also eagerly from the same adapter
     weights on the same batch; the losses are kept for comparing setups step by step. Returns the rows and
-    the losses."""
-    rows, agreement = [], {}
+    the losses (batch -> "eager" / "graph" -> per step)."""
+    rows, stage2_losses = [], {}
     torch.manual_seed(0)
     clip = build_clip(model_name, "none", size)
     base = AdaptedCLIP(clip).to(device)
@@ -235,8 +235,8 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
                                      terms_fn=fast_stage2(base, b if graph else None))
             t = cuda_time(lambda: out.append(step()), steps, 3, device)
             record("stage 2 (CUDA graph)" if graph else "stage 2 (eager)", b, t, flops["stage2"], step)
-        for graph, values in losses.items():
-            agreement[f"stage 2 batch {b} losses ({'graph' if graph else 'eager'})"] = [float(x) for x in values]
+        stage2_losses[b] = {"graph" if graph else "eager": [float(x) for x in values]
+                            for graph, values in losses.items()}
 
     base.eval()
     reset()
@@ -253,7 +253,7 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
 
     record("test forward", cfg.test_batch, cuda_time(test_forward, steps, 2, device), flops["test"], test_forward)
     if compiled or fp8 != "none":
-        return rows, agreement
+        return rows, stage2_losses
 
     reset()
 
@@ -266,24 +266,23 @@ def bench_steps(model_name: str, size: int, precision: str, device: torch.device
     rows.append({"benchmark": f"text anchors ({len(MVTEC_CLASSES)} classes)", "precision": label, "batch": None,
                  "ms": t * 1000, "img_s": None, "tflops": None, "first_s": None, "peak_gib": None})
     print(f"  text anchors: {t * 1000:.1f} ms", flush=True)
-    return rows, agreement
+    return rows, stage2_losses
 
 
-def loss_differences(losses: dict[str, list[float]]) -> dict[str, float]:
+def loss_differences(losses: dict[str, dict[int, dict[str, list[float]]]]) -> dict[str, float]:
     """Largest relative difference over the steps between each Stage-2 loss series and the eager bf16 one of
-    the same batch (keys "<setup>, stage 2 batch <b> losses (<eager|graph>)")."""
+    the same batch. losses: setup -> batch -> "eager" / "graph" -> the losses of the steps."""
     out = {}
-    for key, values in losses.items():
-        setup, rest = key.split(", ", 1)
-        b = rest.split()[3]
-        ref = losses.get(f"bf16, stage 2 batch {b} losses (eager)")
-        if ref is None or key.endswith("(eager)") and setup == "bf16":
-            continue
-        r, v = torch.tensor(ref, dtype=torch.float64), torch.tensor(values, dtype=torch.float64)
-        n = min(len(r), len(v))
-        kind = rest.split("(")[1].rstrip(")")
-        out[f"stage 2 batch {b}: {setup} ({kind}) vs bf16 eager, max relative loss difference over {n} steps"] = float(
-            ((v[:n] - r[:n]).abs() / r[:n].abs()).max())
+    for setup, by_batch in losses.items():
+        for b, series in by_batch.items():
+            ref = losses.get("bf16", {}).get(b, {}).get("eager")
+            for kind, values in series.items():
+                if ref is None or (setup, kind) == ("bf16", "eager"):
+                    continue
+                r, v = torch.tensor(ref, dtype=torch.float64), torch.tensor(values, dtype=torch.float64)
+                n = min(len(r), len(v))
+                out[f"stage 2 batch {b}: {setup} ({kind}) vs bf16 eager, max relative loss difference over {n} "
+                    "steps"] = float(((v[:n] - r[:n]).abs() / r[:n].abs()).max())
     return out
 
 
@@ -348,17 +347,17 @@ def bench_eval(root: Path, precision: str, device: torch.device, workers: int, b
                weights: Path | None = None) -> dict:
     """`test.py` with its default flags on the synthetic MVTec-sized set, in process, timed end to end; the
     random backbone drawn from the seed, or read from `weights`."""
+    results = root / f"results_{precision}{'_file' if weights else ''}"
     argv = ["--save_path", str(root / "run"), "--dataset", "MVTec", "--data_root", str(root / "data"),
             "--metadata_dir", str(root / "data" / "metadata"), "--num_workers", str(workers),
-            "--batch_size", str(batch), "--precision", precision, "--device", str(device),
-            "--results_dir", str(root / f"results_{precision}{'_file' if weights else ''}")]
+            "--batch_size", str(batch), "--precision", precision, "--device", str(device), "--results_dir", str(results)]
     if weights is not None:
         argv += ["--pretrained", str(weights)]
     sys.argv = ["test.py", *argv]
     t0 = time.perf_counter()
     test_script.main()
     seconds = time.perf_counter() - t0
-    res = json.loads(next((root / f"results_{precision}{'_file' if weights else ''}").glob("MVTec_epoch1.json")).read_text())
+    res = json.loads(next(results.glob("MVTec_epoch1.json")).read_text())
     return {"seconds": seconds, "mean": res["mean"], "per_class": res["per_class"]}
 
 
@@ -507,7 +506,7 @@ def main() -> None:
                 print(f"setup {setup_label(precision, compiled, fp8)} failed: {type(e).__name__}: {e}", flush=True)
                 continue
             rows += new_rows
-            losses.update({f"{setup_label(precision, compiled, fp8)}, {k}": v for k, v in new_losses.items()})
+            losses[setup_label(precision, compiled, fp8)] = new_losses
             out.with_suffix(".partial.json").write_text(json.dumps({"rows": rows, "stage2_losses": losses}))
     stage2_agreement = loss_differences(losses)
     sdpa = {}
@@ -529,7 +528,8 @@ def main() -> None:
         for precision in [p for p in args.precisions if p in ("bf16", "fp32")]:
             evals[precision] = bench_eval(root, precision, device, args.workers, args.eval_batch)
         if args.eval_from_file:
-            evals["bf16, weights from a file"] = bench_eval(root, "bf16", device, args.workers, args.eval_batch, weights)
+            evals["bf16, weights from a file"] = bench_eval(root, "bf16", device, args.workers, args.eval_batch,
+                                                            weights)
         if {"fp32", "bf16"} <= evals.keys():
             for metric in evals["fp32"]["mean"]:
                 pairs = [(evals["fp32"]["per_class"][c][metric], evals["bf16"]["per_class"][c][metric])
@@ -554,7 +554,8 @@ def main() -> None:
     out.with_suffix(".md").write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "evals": {k: v["seconds"] for k, v in evals.items()},
                                                     "metric_diffs": diffs, "losses": loss_diffs, "map_agreement": agreement,
-                                                    "stage2_agreement": stage2_agreement, "stage2_losses": losses, "sdpa_ms": sdpa,
+                                                    "stage2_agreement": stage2_agreement, "stage2_losses": losses,
+                                                    "sdpa_ms": sdpa,
                                                     "device": device_name, "argv": sys.argv}, indent=2))
 
 
