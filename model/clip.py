@@ -273,7 +273,7 @@ def build_clip(
     try:
         with torch.random.fork_rng(devices=forked, enabled=pretrained != "none"), build_on:
             model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size,
-                                           force_quick_gelu=quick_gelu)
+                                           force_quick_gelu=quick_gelu, device=build_on)
     finally:
         logging.disable(logging.NOTSET)
     if state_dict is not None:
